@@ -1,0 +1,123 @@
+//! The core's errors. Each has a stable machine-readable [`Error::code`] that every API
+//! surface passes on (problem+json `code`, WebSocket `error.code`, XMPP condition mapping).
+
+use crate::model::Offset;
+
+/// Everything the core can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The node does not exist.
+    #[error("node {0} does not exist")]
+    NodeNotFound(String),
+    /// The item does not exist.
+    #[error("item {0} does not exist")]
+    ItemNotFound(String),
+    /// A node name that breaks the naming rules.
+    #[error("invalid node name {0}")]
+    InvalidNodeName(String),
+    /// An item id that breaks the rules.
+    #[error("invalid item id {0}")]
+    InvalidItemId(String),
+    /// A node configuration value out of range.
+    #[error("invalid node configuration: {0}")]
+    InvalidConfig(String),
+    /// A payload that is not what it claims to be.
+    #[error("invalid payload: {0}")]
+    InvalidPayload(String),
+    /// A payload over the configured limit.
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// An epoch that is not 16 hex digits.
+    #[error("invalid epoch {0:?}")]
+    InvalidEpoch(String),
+    /// The epoch named is not the node's current one.
+    #[error("epoch {given} is not the node's current epoch {current}")]
+    EpochMismatch {
+        /// What the client sent.
+        given: String,
+        /// What the node has.
+        current: String,
+    },
+    /// A position beyond the end of the node's history.
+    #[error("offset {after} is beyond the node's last offset {last}")]
+    OffsetOutOfRange {
+        /// What the client asked for.
+        after: Offset,
+        /// The node's last offset.
+        last: Offset,
+    },
+    /// The principal may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// An idempotency key that breaks the rules.
+    #[error("invalid idempotency key: {0}")]
+    InvalidIdempotencyKey(String),
+    /// A subscriber fell further behind than its queue holds, under the `disconnect` policy.
+    #[error(
+        "subscriber fell too far behind and was disconnected; resubscribe with the last offset"
+    )]
+    SlowConsumer,
+    /// The store cannot take writes now (engine down, shutting down, over capacity).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store failed.
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+impl Error {
+    /// The stable code of this error, in snake case.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::NodeNotFound(_) => "node_not_found",
+            Error::ItemNotFound(_) => "item_not_found",
+            Error::InvalidNodeName(_) => "invalid_node_name",
+            Error::InvalidItemId(_) => "invalid_item_id",
+            Error::InvalidConfig(_) => "invalid_config",
+            Error::InvalidPayload(_) => "invalid_payload",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::InvalidEpoch(_) => "invalid_epoch",
+            Error::EpochMismatch { .. } => "epoch_mismatch",
+            Error::OffsetOutOfRange { .. } => "offset_out_of_range",
+            Error::Forbidden(_) => "forbidden",
+            Error::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
+            Error::SlowConsumer => "slow_consumer",
+            Error::Unavailable(_) => "unavailable",
+            Error::Storage(_) => "storage_error",
+        }
+    }
+
+    /// True when the fault is the caller's (a 4xx), false for server-side failures.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, Error::Unavailable(_) | Error::Storage(_))
+    }
+}
+
+impl From<redb::Error> for Error {
+    fn from(e: redb::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+macro_rules! storage_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Storage(e.to_string())
+            }
+        }
+    )*};
+}
+storage_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);

@@ -1,0 +1,145 @@
+//! The JSON forms of events and items that every HTTP-facing surface (WebSocket, SSE, REST,
+//! the edge peer's output) shares. Written by hand around the payload, which is spliced in as
+//! it was stored: JSON payloads are never parsed again on the way out.
+
+use base64::Engine as _;
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::model::{Change, ContentType, Event, Item, Offset};
+use crate::time;
+
+/// `{"type":"event","node","offset","epoch","kind","item"?}`.
+pub(crate) fn event(ev: &Event) -> Bytes {
+    let extra = match &ev.change {
+        Change::Published(item) => item.payload.len() + 160,
+        _ => 64,
+    };
+    let mut b = BytesMut::with_capacity(96 + ev.node.as_str().len() + extra).writer();
+    let w = &mut b;
+    raw(w, "{\"type\":\"event\",\"node\":");
+    string(w, ev.node.as_str());
+    raw(w, ",\"offset\":");
+    raw(w, itoa(ev.offset).as_str());
+    raw(w, ",\"epoch\":\"");
+    raw(w, &ev.epoch.to_string());
+    raw(w, "\",\"kind\":\"");
+    raw(w, ev.kind().as_str());
+    raw(w, "\"");
+    match &ev.change {
+        Change::Published(item) => {
+            raw(w, ",\"item\":");
+            write_item(w, item, ev.offset);
+        }
+        Change::Retracted(id) => {
+            raw(w, ",\"item\":{\"id\":");
+            string(w, id.as_str());
+            raw(w, "}");
+        }
+        Change::Purged | Change::Deleted => {}
+    }
+    raw(w, "}");
+    b.into_inner().freeze()
+}
+
+/// `{"id","offset","payload"|"xml"|"data","publisher","published_at"}`.
+pub fn item(item: &Item, offset: Offset) -> Bytes {
+    let mut b = BytesMut::with_capacity(item.payload.len() + 160).writer();
+    write_item(&mut b, item, offset);
+    b.into_inner().freeze()
+}
+
+fn write_item(w: &mut impl std::io::Write, item: &Item, offset: Offset) {
+    raw(w, "{\"id\":");
+    string(w, item.id.as_str());
+    raw(w, ",\"offset\":");
+    raw(w, itoa(offset).as_str());
+    match item.payload.content_type {
+        ContentType::Json => {
+            raw(w, ",\"payload\":");
+            let _ = w.write_all(&item.payload.bytes);
+        }
+        ContentType::Xml => {
+            raw(w, ",\"xml\":");
+            // Stored XML passed the UTF-8 check at publish.
+            string(w, &String::from_utf8_lossy(&item.payload.bytes));
+        }
+        ContentType::Binary => {
+            raw(
+                w,
+                ",\"content_type\":\"application/octet-stream\",\"data\":\"",
+            );
+            raw(
+                w,
+                &base64::engine::general_purpose::STANDARD.encode(&item.payload.bytes),
+            );
+            raw(w, "\"");
+        }
+    }
+    raw(w, ",\"publisher\":");
+    string(w, &item.publisher);
+    raw(w, ",\"published_at\":\"");
+    raw(w, &time::rfc3339(item.published_at));
+    raw(w, "\"}");
+}
+
+fn raw(w: &mut impl std::io::Write, s: &str) {
+    // Writing into memory cannot fail.
+    let _ = w.write_all(s.as_bytes());
+}
+
+fn string(w: &mut impl std::io::Write, s: &str) {
+    let _ = serde_json::to_writer(w, s);
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Epoch, ItemId, NodeName, Origin, Payload, Record};
+
+    fn published(payload: Payload) -> Event {
+        let item = Item {
+            id: ItemId::new("i\"1").expect("id"),
+            payload,
+            publisher: "alice".into(),
+            published_at: 0,
+        };
+        Event::new(
+            NodeName::new("n/1").expect("name"),
+            Epoch(1),
+            Record {
+                offset: 7,
+                change: Change::Published(item),
+                at: 0,
+            },
+            Origin::Http,
+        )
+    }
+
+    #[test]
+    fn event_json_is_valid_and_carries_the_payload_unchanged() {
+        let ev = published(Payload::json(&br#"{"t": [1, 2]}"#[..]).expect("json"));
+        let v: serde_json::Value = serde_json::from_slice(ev.json()).expect("valid JSON");
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["node"], "n/1");
+        assert_eq!(v["offset"], 7);
+        assert_eq!(v["epoch"], "0000000000000001");
+        assert_eq!(v["kind"], "published");
+        assert_eq!(v["item"]["id"], "i\"1");
+        assert_eq!(v["item"]["payload"]["t"][1], 2);
+        assert_eq!(v["item"]["published_at"], "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn xml_and_binary_payloads_become_strings() {
+        let ev = published(Payload::xml(&b"<a x='\"'>&amp;</a>"[..]).expect("xml"));
+        let v: serde_json::Value = serde_json::from_slice(ev.json()).expect("valid JSON");
+        assert_eq!(v["item"]["xml"], "<a x='\"'>&amp;</a>");
+        let ev = published(Payload::binary(vec![0u8, 255]));
+        let v: serde_json::Value = serde_json::from_slice(ev.json()).expect("valid JSON");
+        assert_eq!(v["item"]["data"], "AP8=");
+    }
+}

@@ -1,0 +1,225 @@
+//! The behaviour every store backend must show, run against each of them.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{Append, CommitSink, Op, Store};
+use crate::error::Error;
+use crate::model::{Change, Event, ItemId, NodeConfig, NodeName, Origin, Payload};
+
+/// A sink that remembers what it was given.
+#[derive(Debug, Default)]
+pub(crate) struct Collect(pub(crate) Mutex<Vec<Arc<Event>>>);
+
+impl Collect {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+    fn offsets(&self, node: &NodeName) -> Vec<u64> {
+        self.0
+            .lock()
+            .iter()
+            .filter(|e| &e.node == node)
+            .map(|e| e.offset)
+            .collect()
+    }
+    fn last(&self) -> Arc<Event> {
+        self.0.lock().last().cloned().expect("an event")
+    }
+}
+
+impl CommitSink for Collect {
+    fn committed(&self, event: Arc<Event>) {
+        self.0.lock().push(event);
+    }
+}
+
+pub(crate) fn publish(node: &NodeName, id: &str, v: &str) -> Append {
+    Append {
+        node: node.clone(),
+        op: Op::Publish {
+            id: ItemId::new(id).expect("id"),
+            payload: Payload::json(format!("\"{v}\"")).expect("json"),
+            publisher: "t".into(),
+        },
+        idempotency_key: None,
+        origin: Origin::Http,
+    }
+}
+
+fn config(max_items: u64, persist: bool) -> NodeConfig {
+    NodeConfig {
+        max_items,
+        persist,
+        ..NodeConfig::default()
+    }
+}
+
+pub(crate) async fn run<F, Fut>(make: F)
+where
+    F: Fn(Arc<dyn CommitSink>) -> Fut,
+    Fut: Future<Output = Result<Arc<dyn Store>, Error>>,
+{
+    let sink = Collect::new();
+    let s = make(sink.clone()).await.expect("store opens");
+    let n = NodeName::new("n").expect("name");
+
+    // Creating, then reconfiguring.
+    let (meta, created) = s
+        .put_node(n.clone(), config(100, true))
+        .await
+        .expect("create");
+    assert!(created);
+    assert_eq!((meta.last_offset, meta.first_offset), (0, 1));
+    let (again, created) = s
+        .put_node(n.clone(), config(100, true))
+        .await
+        .expect("reconfigure");
+    assert!(!created);
+    assert_eq!(again.epoch, meta.epoch, "reconfiguring keeps the epoch");
+
+    // Offsets count up from 1 and events come out in order.
+    let r = s
+        .append(vec![
+            publish(&n, "a", "1"),
+            publish(&n, "b", "2"),
+            publish(&n, "a", "3"),
+        ])
+        .await;
+    let offsets: Vec<u64> = r.iter().map(|r| r.as_ref().expect("ok").offset).collect();
+    assert_eq!(offsets, vec![1, 2, 3]);
+    assert_eq!(sink.offsets(&n), vec![1, 2, 3]);
+
+    // Overwriting keeps one current version per id.
+    let items = s.items(&n, 0, 10).await.expect("items");
+    let ids: Vec<(u64, &str)> = items
+        .items
+        .iter()
+        .map(|(o, i)| (*o, i.id.as_str()))
+        .collect();
+    assert_eq!(ids, vec![(2, "b"), (3, "a")]);
+    assert_eq!(items.meta.item_count, 2);
+    let (o, item) = s
+        .item(&n, &ItemId::new("a").expect("id"))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!((o, &item.payload.bytes[..]), (3, &b"\"3\""[..]));
+    let page = s.read(&n, 1, 10).await.expect("read");
+    assert_eq!(
+        page.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+
+    // Retraction.
+    let mut retract = publish(&n, "b", "");
+    retract.op = Op::Retract(ItemId::new("b").expect("id"));
+    let r = s
+        .append(vec![retract.clone()])
+        .await
+        .remove(0)
+        .expect("retract");
+    assert_eq!(r.offset, 4);
+    assert!(matches!(sink.last().change, Change::Retracted(_)));
+    assert!(matches!(
+        s.append(vec![retract]).await.remove(0),
+        Err(Error::ItemNotFound(_))
+    ));
+    assert_eq!(s.items(&n, 0, 10).await.expect("items").items.len(), 1);
+
+    // Refusals change nothing.
+    let missing = NodeName::new("missing").expect("name");
+    assert!(matches!(
+        s.append(vec![publish(&missing, "x", "1")]).await.remove(0),
+        Err(Error::NodeNotFound(_))
+    ));
+    assert_eq!(
+        s.node(&n).await.expect("read").expect("exists").last_offset,
+        4
+    );
+
+    // Idempotency: the same key returns the first result and emits nothing.
+    let mut keyed = publish(&n, "k", "1");
+    keyed.idempotency_key = Some("key-1".into());
+    let first = s.append(vec![keyed.clone()]).await.remove(0).expect("ok");
+    let events = sink.0.lock().len();
+    let second = s.append(vec![keyed]).await.remove(0).expect("ok");
+    assert!(second.duplicate && !first.duplicate);
+    assert_eq!(second.offset, first.offset);
+    assert_eq!(sink.0.lock().len(), events);
+
+    // Retention: only the newest max_items records stay.
+    s.put_node(n.clone(), config(3, true))
+        .await
+        .expect("reconfigure");
+    let meta = s.node(&n).await.expect("read").expect("exists");
+    assert_eq!((meta.first_offset, meta.last_offset), (3, 5));
+    for i in 0..4 {
+        s.append(vec![publish(&n, &format!("t{i}"), "x")])
+            .await
+            .remove(0)
+            .expect("ok");
+    }
+    let page = s.read(&n, 0, 100).await.expect("read");
+    assert_eq!(
+        page.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![7, 8, 9]
+    );
+    assert_eq!(page.meta.first_offset, 7);
+    assert_eq!(page.meta.item_count, 3);
+
+    // Purge.
+    let mut purge = publish(&n, "x", "");
+    purge.op = Op::Purge;
+    let p = s.append(vec![purge]).await.remove(0).expect("purge");
+    assert_eq!(p.offset, 10);
+    let page = s.read(&n, 0, 100).await.expect("read");
+    assert_eq!(page.records.len(), 1);
+    assert!(matches!(page.records[0].change, Change::Purged));
+    assert_eq!(s.items(&n, 0, 10).await.expect("items").items.len(), 0);
+    assert_eq!(page.meta.item_count, 0);
+
+    // Transient nodes count offsets but keep nothing.
+    let t = NodeName::new("transient").expect("name");
+    s.put_node(t.clone(), config(10, false))
+        .await
+        .expect("create");
+    s.append(vec![publish(&t, "a", "1")])
+        .await
+        .remove(0)
+        .expect("ok");
+    let page = s.read(&t, 0, 10).await.expect("read");
+    assert!(page.records.is_empty());
+    assert_eq!((page.meta.first_offset, page.meta.last_offset), (2, 1));
+
+    // Listing and deletion.
+    let names: Vec<String> = s
+        .nodes()
+        .await
+        .expect("list")
+        .iter()
+        .map(|m| m.name.to_string())
+        .collect();
+    assert_eq!(names, vec!["n".to_string(), "transient".to_string()]);
+    s.delete_node(&n, Origin::Http).await.expect("delete");
+    let last = sink.last();
+    assert!(matches!(last.change, Change::Deleted));
+    assert_eq!(last.offset, 11);
+    assert!(s.node(&n).await.expect("read").is_none());
+    assert!(matches!(
+        s.delete_node(&n, Origin::Http).await,
+        Err(Error::NodeNotFound(_))
+    ));
+    let (fresh, created) = s
+        .put_node(n.clone(), config(10, true))
+        .await
+        .expect("recreate");
+    assert!(created);
+    assert_ne!(fresh.epoch, meta.epoch, "a recreated node has a new epoch");
+    assert_eq!(fresh.last_offset, 0);
+    assert!(s.read(&n, 0, 10).await.expect("read").records.is_empty());
+    s.ready().expect("ready");
+    s.close().await;
+}
