@@ -1,0 +1,302 @@
+//! Configuration: built-in defaults, then the TOML file, then `JUXTA_<SECTION>__<KEY>`
+//! environment variables, then command-line flags — each overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Default HTTP address.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./juxta-data";
+/// The config file read when `--config` is not given and it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "juxta.toml";
+
+/// Environment variables with the `JUXTA_` prefix that are not config keys.
+const NOT_CONFIG: &[&str] = &["admin_key", "token", "config", "bin", "url"];
+
+/// The whole configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the embedded store, generated keys and certificates live.
+    pub data_dir: PathBuf,
+    /// The HTTP front.
+    pub http: HttpConfig,
+    /// Storage.
+    pub store: StoreConfig,
+    /// Fan-out to subscribers.
+    pub fanout: FanoutConfig,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            http: HttpConfig::default(),
+            store: StoreConfig::default(),
+            fanout: FanoutConfig::default(),
+            auth: AuthConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// The HTTP front.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body; larger ones get 413. Also the largest item payload.
+    pub max_body_bytes: usize,
+    /// Most open connections (HTTP, WebSocket and SSE together). Taken before `accept`, so
+    /// a flood of connections waits in the kernel's backlog instead of costing memory.
+    pub max_connections: usize,
+    /// Most subscriptions one WebSocket connection may hold.
+    pub max_subscriptions_per_connection: usize,
+    /// Seconds a write to a WebSocket or SSE client may take before the client is
+    /// considered stalled and disconnected.
+    pub write_timeout_secs: u64,
+    /// Seconds between keep-alives (WebSocket pings, SSE comments).
+    pub keepalive_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_HTTP
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            max_body_bytes: 1 << 20,
+            max_connections: 100_000,
+            max_subscriptions_per_connection: 1024,
+            write_timeout_secs: 30,
+            keepalive_secs: 15,
+        }
+    }
+}
+
+/// Which store backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A redb file in the data directory (fsync before acknowledgement).
+    Embedded,
+    /// Memory only: nothing survives a restart.
+    Memory,
+}
+
+/// Storage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The backend.
+    pub backend: Backend,
+    /// Page cache of the embedded store, in MiB.
+    pub cache_mib: usize,
+    /// Seconds an idempotency key is remembered.
+    pub idempotency_window_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Embedded,
+            cache_mib: 64,
+            idempotency_window_secs: 24 * 3600,
+        }
+    }
+}
+
+/// Fan-out.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FanoutConfig {
+    /// Events a subscriber may fall behind before its node's overflow policy applies. The
+    /// queue is one ring per node shared by its subscribers, so this bounds memory per node,
+    /// not per subscriber.
+    pub queue_capacity: usize,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: juxta_core::fanout::DEFAULT_QUEUE_CAPACITY,
+        }
+    }
+}
+
+/// Authentication.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Admin keys (also `JUXTA_ADMIN_KEY`). When empty, one is generated into
+    /// `<data_dir>/admin.key` on first start.
+    pub admin_keys: Vec<String>,
+    /// HS256 secret for JWTs. When neither this nor `jwt_public_key` is set, one is generated
+    /// into `<data_dir>/jwt.secret`.
+    pub jwt_secret: Option<String>,
+    /// An Ed25519 public key (PEM file) to verify EdDSA-signed JWTs instead.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Seconds of clock skew tolerated on `exp`.
+    pub leeway_secs: u64,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `juxta_gateway=debug,info`.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Flags that override the configuration.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--http`.
+    pub http: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Loads the configuration: defaults, the file (`file`, else `$JUXTA_CONFIG`, else
+    /// `./juxta.toml` if it exists), the environment, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        let env_file = std::env::var_os("JUXTA_CONFIG").map(PathBuf::from);
+        match file.map(Path::to_path_buf).or(env_file) {
+            Some(path) => {
+                if !path.is_file() {
+                    anyhow::bail!("config file {} does not exist", path.display());
+                }
+                fig = fig.merge(Toml::file_exact(path));
+            }
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                fig = fig.merge(Toml::file_exact(DEFAULT_CONFIG_FILE));
+            }
+            None => {}
+        }
+        fig = fig.merge(
+            Env::prefixed("JUXTA_")
+                .filter(|k| !NOT_CONFIG.iter().any(|n| k == *n))
+                .split("__"),
+        );
+        let mut cfg: Config = fig
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        if let Ok(key) = std::env::var("JUXTA_ADMIN_KEY")
+            && !key.is_empty()
+        {
+            cfg.auth.admin_keys.push(key);
+        }
+        if let Some(d) = &overrides.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        if let Some(h) = overrides.http {
+            cfg.http.listen = h;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let h = &self.http;
+        anyhow::ensure!(
+            h.max_body_bytes >= 1024,
+            "http.max_body_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            h.max_connections >= 1,
+            "http.max_connections must be at least 1"
+        );
+        anyhow::ensure!(
+            h.write_timeout_secs >= 1,
+            "http.write_timeout_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            h.keepalive_secs >= 1,
+            "http.keepalive_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=1 << 20).contains(&self.fanout.queue_capacity),
+            "fanout.queue_capacity must be between 1 and 1048576"
+        );
+        anyhow::ensure!(
+            self.auth.admin_keys.iter().all(|k| k.len() >= 16),
+            "auth.admin_keys: each key must be at least 16 characters"
+        );
+        if let Some(s) = &self.auth.jwt_secret {
+            anyhow::ensure!(
+                s.len() >= 32,
+                "auth.jwt_secret must be at least 32 characters"
+            );
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| anyhow::anyhow!("log.level {:?}: {e}", self.log.level))?;
+        Ok(())
+    }
+
+    /// The configuration as TOML, with secrets replaced by `<redacted>`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        for k in &mut c.auth.admin_keys {
+            *k = "<redacted>".into();
+        }
+        if c.auth.jwt_secret.is_some() {
+            c.auth.jwt_secret = Some("<redacted>".into());
+        }
+        toml::to_string_pretty(&c)
+            .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_print_as_toml_that_loads_back() {
+        let c = Config::default();
+        c.validate().expect("valid");
+        let text = c.to_redacted_toml();
+        let back: Config = toml::from_str(&text).expect("round trip");
+        assert_eq!(back.http.listen, c.http.listen);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<Config>("[http]\nlisten_addr = \"x\"").is_err());
+        assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+}

@@ -1,0 +1,187 @@
+//! `juxta`: the gateway and its command-line tools.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use juxta_core::{Grants, Pattern};
+use juxta_gateway::auth;
+use juxta_gateway::client::{self, Target};
+use juxta_gateway::config::{Config, LogFormat, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "juxta",
+    version,
+    about = "juxta: one pubsub node = one overlay pipe = one HTTP channel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// TOML config file (default: ./juxta.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (store, generated keys).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// HTTP listen address.
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// Print the effective configuration (secrets redacted) and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Mint a JWT for a subject.
+    Token {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The subject (`sub` claim), recorded as publisher.
+        #[arg(long)]
+        sub: String,
+        /// Node patterns the subject may publish to (exact or trailing `*`); repeatable.
+        #[arg(long)]
+        publish: Vec<String>,
+        /// Node patterns the subject may subscribe to; repeatable.
+        #[arg(long)]
+        subscribe: Vec<String>,
+        /// Allow managing nodes.
+        #[arg(long)]
+        admin: bool,
+        /// Lifetime: 30s, 10m, 1h, 30d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// Sign with this Ed25519 private key (PEM) instead of the HS256 secret.
+        #[arg(long)]
+        private_key: Option<PathBuf>,
+    },
+    /// Publish a JSON payload (or one per stdin line with `-`).
+    Pub {
+        /// The node.
+        node: String,
+        /// JSON text, or `-` for stdin lines.
+        payload: Option<String>,
+        /// Item id (default: assigned by the service).
+        #[arg(long)]
+        id: Option<String>,
+        /// The payload is one XML element, not JSON.
+        #[arg(long)]
+        xml: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a node's events as JSON lines; reconnects and resumes.
+    Sub {
+        /// The node.
+        node: String,
+        /// Start after this offset (default: live events only).
+        #[arg(long)]
+        after: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List nodes, one JSON object per line.
+    Nodes {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn init_logs(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.cmd {
+        Command::Serve {
+            cfg,
+            http,
+            print_config,
+        } => {
+            let overrides = Overrides {
+                data_dir: cfg.data_dir,
+                http,
+            };
+            let config = Config::load(cfg.config.as_deref(), &overrides)?;
+            if print_config {
+                print!("{}", config.to_redacted_toml());
+                return Ok(());
+            }
+            init_logs(&config.log.level, config.log.format);
+            rt.block_on(juxta_gateway::server::run(config))
+        }
+        Command::Token {
+            cfg,
+            sub,
+            publish,
+            subscribe,
+            admin,
+            ttl,
+            private_key,
+        } => {
+            let overrides = Overrides {
+                data_dir: cfg.data_dir,
+                http: None,
+            };
+            let config = Config::load(cfg.config.as_deref(), &overrides)?;
+            let grants = Grants {
+                publish: publish.into_iter().map(Pattern::new).collect(),
+                subscribe: subscribe.into_iter().map(Pattern::new).collect(),
+                admin,
+            };
+            let ttl = auth::parse_ttl(&ttl)?;
+            let token = match private_key {
+                Some(path) => {
+                    let pem = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    auth::mint_eddsa(&pem, &sub, grants, ttl)?
+                }
+                None => auth::mint_hs256(&auth::jwt_secret(&config)?, &sub, grants, ttl)?,
+            };
+            println!("{token}");
+            Ok(())
+        }
+        Command::Pub {
+            node,
+            payload,
+            id,
+            xml,
+            target,
+        } => rt.block_on(client::publish(
+            &target,
+            &node,
+            payload.as_deref(),
+            id.as_deref(),
+            xml,
+        )),
+        Command::Sub {
+            node,
+            after,
+            target,
+        } => rt.block_on(client::subscribe(&target, &node, after)),
+        Command::Nodes { target } => rt.block_on(client::nodes(&target)),
+    }
+}

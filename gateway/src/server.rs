@@ -1,0 +1,135 @@
+//! Wiring: configuration in, a running gateway out, until SIGTERM.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use juxta_core::{Bus, EmbeddedConfig, EmbeddedStore, FanOut, Limits, MemoryStore, Metrics, Store};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::config::{Backend, Config};
+use crate::http::{self, LimitedListener, Shared};
+use crate::metrics::HttpMetrics;
+
+/// How long open streams get to say goodbye after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(10);
+/// The embedded store's file in the data directory.
+pub const STORE_FILE: &str = "juxta.redb";
+
+/// Raises the soft open-files limit to the hard limit: every connection is a descriptor.
+#[allow(unsafe_code)]
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// The running parts, built from configuration.
+#[derive(Debug)]
+pub struct Gateway {
+    /// What the HTTP handlers share.
+    pub shared: Arc<Shared>,
+}
+
+impl Gateway {
+    /// Builds the store, bus, fan-out and authenticator.
+    pub fn build(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
+        let mut registry = Registry::default();
+        let core_metrics = Arc::new(Metrics::register(&mut registry));
+        let http_metrics = Arc::new(HttpMetrics::register(&mut registry));
+        let fanout = Arc::new(FanOut::new(cfg.fanout.queue_capacity, core_metrics.clone()));
+        let store: Arc<dyn Store> = match cfg.store.backend {
+            Backend::Embedded => {
+                let mut ec = EmbeddedConfig::new(cfg.data_dir.join(STORE_FILE));
+                ec.cache_bytes = cfg.store.cache_mib << 20;
+                ec.idempotency_window = Duration::from_secs(cfg.store.idempotency_window_secs);
+                Arc::new(
+                    EmbeddedStore::open(ec, fanout.clone(), core_metrics).context(
+                        "opening the embedded store (is another juxta using this data directory?)",
+                    )?,
+                )
+            }
+            Backend::Memory => Arc::new(MemoryStore::new(fanout.clone())),
+        };
+        let bus = Bus::new(
+            store,
+            fanout,
+            Limits {
+                max_payload_bytes: cfg.http.max_body_bytes,
+            },
+        );
+        let auth = Authenticator::from_config(cfg)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                bus,
+                auth,
+                metrics: http_metrics,
+                registry: Arc::new(registry),
+                http: cfg.http.clone(),
+                shutdown,
+            }),
+        })
+    }
+}
+
+/// Runs the gateway until SIGTERM or SIGINT, then drains and closes the store.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    raise_nofile_limit();
+    let shutdown = CancellationToken::new();
+    let gw = Gateway::build(&cfg, shutdown.clone())?;
+    let tcp = TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("binding HTTP to {}", cfg.http.listen))?;
+    let addr = tcp.local_addr()?;
+    // Scripts and tests wait for this line.
+    println!("listening http://{addr}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), backend = ?cfg.store.backend, "juxta is serving");
+
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    let listener = LimitedListener::new(tcp, cfg.http.max_connections, gw.shared.metrics.clone());
+    let app = http::router(gw.shared.clone());
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let drained = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    tokio::select! {
+        r = server => r.context("HTTP server")?,
+        () = drained => tracing::warn!("connections still open after the drain period; closing anyway"),
+    }
+    gw.shared.bus.store().close().await;
+    tracing::info!("juxta stopped");
+    Ok(())
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
