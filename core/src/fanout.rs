@@ -334,9 +334,7 @@ impl Subscription {
                 }
                 continue;
             }
-            let Some(rx) = self.rx.as_mut() else {
-                return None;
-            };
+            let rx = self.rx.as_mut()?;
             match rx.recv().await {
                 Ok(ev) if ev.offset < self.next => {}
                 Ok(ev) if ev.offset == self.next => return Some(Ok(self.accept(ev))),

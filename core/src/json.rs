@@ -41,6 +41,22 @@ pub(crate) fn event(ev: &Event) -> Bytes {
     b.into_inner().freeze()
 }
 
+/// `id: <epoch>:<offset>\nevent: <kind>\ndata: <json>\n\n`. A JSON payload published
+/// pretty-printed may contain line breaks; each line becomes its own `data:` line, which an
+/// EventSource joins back with `\n` (HTML Living Standard §9.2.6).
+pub(crate) fn sse_frame(ev: &Event) -> Bytes {
+    let json = ev.json();
+    let mut b = BytesMut::with_capacity(json.len() + 64);
+    b.put_slice(format!("id: {}:{}\nevent: {}\n", ev.epoch, ev.offset, ev.kind().as_str()).as_bytes());
+    for line in json.split(|&c| c == b'\n') {
+        b.put_slice(b"data: ");
+        b.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        b.put_slice(b"\n");
+    }
+    b.put_slice(b"\n");
+    b.freeze()
+}
+
 /// `{"id","offset","payload"|"xml"|"data","publisher","published_at"}`.
 pub fn item(item: &Item, offset: Offset) -> Bytes {
     let mut b = BytesMut::with_capacity(item.payload.len() + 160).writer();
@@ -131,6 +147,22 @@ mod tests {
         assert_eq!(v["item"]["id"], "i\"1");
         assert_eq!(v["item"]["payload"]["t"][1], 2);
         assert_eq!(v["item"]["published_at"], "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn sse_frames_split_multi_line_json_into_data_lines() {
+        let ev = published(Payload::json(&b"{\n \"a\": 1\r\n}"[..]).expect("json"));
+        let frame = String::from_utf8(ev.sse_frame().to_vec()).expect("utf-8");
+        assert!(frame.starts_with("id: 0000000000000001:7\nevent: published\ndata: {"), "{frame}");
+        assert!(frame.ends_with("}\n\n"), "{frame}");
+        assert_eq!(frame.matches("\ndata: ").count(), 3, "{frame}");
+        let data: String = frame
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let v: serde_json::Value = serde_json::from_str(&data).expect("joined data is the JSON");
+        assert_eq!(v["item"]["payload"]["a"], 1);
     }
 
     #[test]

@@ -230,6 +230,7 @@ impl Payload {
     /// A JSON payload from JSON text, which is checked.
     pub fn json(text: impl Into<Bytes>) -> Result<Self, Error> {
         let bytes = text.into();
+        std::str::from_utf8(&bytes).map_err(|_| Error::InvalidPayload("JSON must be UTF-8".into()))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|e| Error::InvalidPayload(format!("not JSON: {e}")))?;
         Ok(Self {
@@ -372,6 +373,8 @@ pub struct Event {
     pub origin: Origin,
     /// The JSON form, encoded once per event on first use and shared by every subscriber.
     json: OnceLock<Bytes>,
+    /// The Server-Sent Events frame, likewise.
+    sse: OnceLock<Bytes>,
 }
 
 impl Event {
@@ -385,6 +388,7 @@ impl Event {
             change: record.change,
             origin,
             json: OnceLock::new(),
+            sse: OnceLock::new(),
         }
     }
 
@@ -397,6 +401,12 @@ impl Event {
     /// `{"type":"event","node","offset","epoch","kind","item"?}`. Encoded once, then shared.
     pub fn json(&self) -> &Bytes {
         self.json.get_or_init(|| crate::json::event(self))
+    }
+
+    /// The event as one Server-Sent Events frame: `id: <epoch>:<offset>`, `event: <kind>`,
+    /// `data:` lines carrying [`Event::json`]. Encoded once, then shared.
+    pub fn sse_frame(&self) -> &Bytes {
+        self.sse.get_or_init(|| crate::json::sse_frame(self))
     }
 }
 

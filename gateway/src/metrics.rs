@@ -113,6 +113,12 @@ impl HttpMetrics {
 
     /// New, unregistered handles.
     pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
         let deliveries = Family::<TransportLabels, Counter>::default();
         let ws_deliveries = deliveries
             .get_or_create(&TransportLabels { transport: "ws" })
@@ -132,7 +138,9 @@ impl HttpMetrics {
             sse_deliveries,
         }
     }
+}
 
+impl HttpMetrics {
     /// Counts an error reported to a client.
     pub fn client_error(&self, code: &'static str) {
         self.client_errors.get_or_create(&CodeLabels { code }).inc();

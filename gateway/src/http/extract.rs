@@ -46,14 +46,14 @@ impl FromRequestParts<AppState> for StreamAuth {
         if let Some(b) = bearer(parts) {
             return Ok(StreamAuth(st.auth.authenticate(Some(b))?));
         }
-        let q: Option<TokenQuery> = parts.uri.query().and_then(|q| serde_urlencoded_token(q));
+        let q: Option<TokenQuery> = parts.uri.query().and_then(token_from_query);
         Ok(StreamAuth(st.auth.authenticate(
             q.as_ref().and_then(|q| q.token.as_deref()),
         )?))
     }
 }
 
-fn serde_urlencoded_token(q: &str) -> Option<TokenQuery> {
+fn token_from_query(q: &str) -> Option<TokenQuery> {
     Query::<TokenQuery>::try_from_uri(&format!("/?{q}").parse().ok()?)
         .ok()
         .map(|Query(t)| t)
