@@ -47,7 +47,15 @@ pub(crate) fn event(ev: &Event) -> Bytes {
 pub(crate) fn sse_frame(ev: &Event) -> Bytes {
     let json = ev.json();
     let mut b = BytesMut::with_capacity(json.len() + 64);
-    b.put_slice(format!("id: {}:{}\nevent: {}\n", ev.epoch, ev.offset, ev.kind().as_str()).as_bytes());
+    b.put_slice(
+        format!(
+            "id: {}:{}\nevent: {}\n",
+            ev.epoch,
+            ev.offset,
+            ev.kind().as_str()
+        )
+        .as_bytes(),
+    );
     for line in json.split(|&c| c == b'\n') {
         b.put_slice(b"data: ");
         b.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
@@ -153,7 +161,10 @@ mod tests {
     fn sse_frames_split_multi_line_json_into_data_lines() {
         let ev = published(Payload::json(&b"{\n \"a\": 1\r\n}"[..]).expect("json"));
         let frame = String::from_utf8(ev.sse_frame().to_vec()).expect("utf-8");
-        assert!(frame.starts_with("id: 0000000000000001:7\nevent: published\ndata: {"), "{frame}");
+        assert!(
+            frame.starts_with("id: 0000000000000001:7\nevent: published\ndata: {"),
+            "{frame}"
+        );
         assert!(frame.ends_with("}\n\n"), "{frame}");
         assert_eq!(frame.matches("\ndata: ").count(), 3, "{frame}");
         let data: String = frame

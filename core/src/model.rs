@@ -230,7 +230,8 @@ impl Payload {
     /// A JSON payload from JSON text, which is checked.
     pub fn json(text: impl Into<Bytes>) -> Result<Self, Error> {
         let bytes = text.into();
-        std::str::from_utf8(&bytes).map_err(|_| Error::InvalidPayload("JSON must be UTF-8".into()))?;
+        std::str::from_utf8(&bytes)
+            .map_err(|_| Error::InvalidPayload("JSON must be UTF-8".into()))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|e| Error::InvalidPayload(format!("not JSON: {e}")))?;
         Ok(Self {

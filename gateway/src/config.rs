@@ -67,6 +67,10 @@ pub struct HttpConfig {
     pub write_timeout_secs: u64,
     /// Seconds between keep-alives (WebSocket pings, SSE comments).
     pub keepalive_secs: u64,
+    /// Milliseconds a stream waits after its first ready event to gather more before
+    /// writing. Under load this turns one syscall (and one client wake-up) per event into one
+    /// per batch, at the cost of at most this much added latency; 0 writes at once.
+    pub write_coalesce_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -80,6 +84,7 @@ impl Default for HttpConfig {
             max_subscriptions_per_connection: 1024,
             write_timeout_secs: 30,
             keepalive_secs: 15,
+            write_coalesce_ms: 2,
         }
     }
 }

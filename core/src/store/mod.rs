@@ -7,7 +7,7 @@
 //!
 //! Backends: [`MemoryStore`] (tests, nothing kept), [`EmbeddedStore`] (a redb file, the
 //! default; fsync before acknowledgement, group commit). The log rules every backend shares
-//! live in [`log`].
+//! live in the private `log` module.
 
 use std::fmt::Debug;
 use std::sync::Arc;

@@ -169,7 +169,13 @@ mod tests {
         router(gw.shared)
     }
 
-    async fn call(app: &Router, method: &str, uri: &str, body: &str, auth: bool) -> (StatusCode, String, serde_json::Value) {
+    async fn call(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        body: &str,
+        auth: bool,
+    ) -> (StatusCode, String, serde_json::Value) {
         let mut req = HttpRequest::builder().method(method).uri(uri);
         if auth {
             req = req.header("authorization", format!("Bearer {KEY}"));
@@ -185,8 +191,14 @@ mod tests {
             .get(header::CONTENT_TYPE)
             .map(|v| v.to_str().unwrap_or("").to_owned())
             .unwrap_or_default();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
-        (status, ctype, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            ctype,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     #[tokio::test]
@@ -194,45 +206,153 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let app = app(&dir);
         let (s, ct, v) = call(&app, "GET", "/nope", "", true).await;
-        assert_eq!((s, ct.as_str(), v["code"].as_str()), (StatusCode::NOT_FOUND, "application/problem+json", Some("not_found")));
+        assert_eq!(
+            (s, ct.as_str(), v["code"].as_str()),
+            (
+                StatusCode::NOT_FOUND,
+                "application/problem+json",
+                Some("not_found")
+            )
+        );
         let (s, _, v) = call(&app, "GET", "/api/v1/nodes", "", false).await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_token")));
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("missing_token"))
+        );
         let (s, _, v) = call(&app, "PUT", "/api/v1/nodes/a%20b", "", true).await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_node_name")));
-        let (s, _, v) = call(&app, "POST", "/api/v1/nodes/missing/items", r#"{"payload":1}"#, true).await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::NOT_FOUND, Some("node_not_found")));
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_node_name"))
+        );
+        let (s, _, v) = call(
+            &app,
+            "POST",
+            "/api/v1/nodes/missing/items",
+            r#"{"payload":1}"#,
+            true,
+        )
+        .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("node_not_found"))
+        );
         let big = format!(r#"{{"payload":"{}"}}"#, "x".repeat(5000));
         call(&app, "PUT", "/api/v1/nodes/n", "", true).await;
         let (s, _, v) = call(&app, "POST", "/api/v1/nodes/n/items", &big, true).await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large")));
-        let (s, _, v) = call(&app, "PUT", "/api/v1/nodes/n", r#"{"max_items":"many"}"#, true).await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
+        );
+        let (s, _, v) = call(
+            &app,
+            "PUT",
+            "/api/v1/nodes/n",
+            r#"{"max_items":"many"}"#,
+            true,
+        )
+        .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request"))
+        );
     }
 
     #[tokio::test]
     async fn nodes_and_items_round_trip_through_rest() {
         let dir = tempfile::tempdir().expect("tempdir");
         let app = app(&dir);
-        let (s, _, v) = call(&app, "PUT", "/api/v1/nodes/sensors%2Ftemp-7", r#"{"max_items":10}"#, true).await;
+        let (s, _, v) = call(
+            &app,
+            "PUT",
+            "/api/v1/nodes/sensors%2Ftemp-7",
+            r#"{"max_items":10}"#,
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::CREATED);
         assert_eq!(v["node"], "sensors/temp-7");
-        let (s, _, _) = call(&app, "PUT", "/api/v1/nodes/sensors%2Ftemp-7", r#"{"max_items":10}"#, true).await;
+        let (s, _, _) = call(
+            &app,
+            "PUT",
+            "/api/v1/nodes/sensors%2Ftemp-7",
+            r#"{"max_items":10}"#,
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::OK);
-        let (s, _, v) = call(&app, "POST", "/api/v1/nodes/sensors%2Ftemp-7/items", r#"{"id":"a","payload":{"c":21.5}}"#, true).await;
-        assert_eq!((s, v["offset"].as_u64(), v["id"].as_str()), (StatusCode::CREATED, Some(1), Some("a")));
-        let (s, _, v) = call(&app, "POST", "/api/v1/nodes/sensors%2Ftemp-7/items", r#"{"xml":"<x xmlns='u'/>"}"#, true).await;
+        let (s, _, v) = call(
+            &app,
+            "POST",
+            "/api/v1/nodes/sensors%2Ftemp-7/items",
+            r#"{"id":"a","payload":{"c":21.5}}"#,
+            true,
+        )
+        .await;
+        assert_eq!(
+            (s, v["offset"].as_u64(), v["id"].as_str()),
+            (StatusCode::CREATED, Some(1), Some("a"))
+        );
+        let (s, _, v) = call(
+            &app,
+            "POST",
+            "/api/v1/nodes/sensors%2Ftemp-7/items",
+            r#"{"xml":"<x xmlns='u'/>"}"#,
+            true,
+        )
+        .await;
         assert_eq!((s, v["offset"].as_u64()), (StatusCode::CREATED, Some(2)));
-        let (s, _, v) = call(&app, "GET", "/api/v1/nodes/sensors%2Ftemp-7/items?after=0", "", true).await;
+        let (s, _, v) = call(
+            &app,
+            "GET",
+            "/api/v1/nodes/sensors%2Ftemp-7/items?after=0",
+            "",
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(v["items"][0]["payload"]["c"], 21.5);
         assert_eq!(v["items"][1]["xml"], "<x xmlns='u'/>");
-        let (s, _, v) = call(&app, "GET", "/api/v1/nodes/sensors%2Ftemp-7/items?after=9", "", true).await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("offset_out_of_range")));
-        let (s, _, v) = call(&app, "DELETE", "/api/v1/nodes/sensors%2Ftemp-7/items/a", "", true).await;
+        let (s, _, v) = call(
+            &app,
+            "GET",
+            "/api/v1/nodes/sensors%2Ftemp-7/items?after=9",
+            "",
+            true,
+        )
+        .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("offset_out_of_range"))
+        );
+        let (s, _, v) = call(
+            &app,
+            "DELETE",
+            "/api/v1/nodes/sensors%2Ftemp-7/items/a",
+            "",
+            true,
+        )
+        .await;
         assert_eq!((s, v["offset"].as_u64()), (StatusCode::OK, Some(3)));
-        let (s, _, v) = call(&app, "GET", "/api/v1/nodes/sensors%2Ftemp-7/items/a", "", true).await;
-        assert_eq!((s, v["code"].as_str()), (StatusCode::NOT_FOUND, Some("item_not_found")));
-        let (_, _, v) = call(&app, "POST", "/api/v1/publish", r#"{"items":[{"node":"sensors/temp-7","payload":1},{"node":"bad name","payload":2}]}"#, true).await;
+        let (s, _, v) = call(
+            &app,
+            "GET",
+            "/api/v1/nodes/sensors%2Ftemp-7/items/a",
+            "",
+            true,
+        )
+        .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("item_not_found"))
+        );
+        let (_, _, v) = call(
+            &app,
+            "POST",
+            "/api/v1/publish",
+            r#"{"items":[{"node":"sensors/temp-7","payload":1},{"node":"bad name","payload":2}]}"#,
+            true,
+        )
+        .await;
         assert_eq!(v["results"][0]["offset"], 4);
         assert_eq!(v["results"][1]["error"]["code"], "invalid_node_name");
     }
@@ -243,8 +363,17 @@ mod tests {
         let app = app(&dir);
         let (s, _, v) = call(&app, "GET", "/api/v1/openapi.json", "", true).await;
         assert_eq!(s, StatusCode::OK);
-        assert!(v["openapi"].as_str().is_some_and(|o| o.starts_with("3.1")), "{}", v["openapi"]);
-        for path in ["/api/v1/nodes/{node}/items", "/api/v1/ws", "/api/v1/nodes/{node}/events", "/api/v1/publish"] {
+        assert!(
+            v["openapi"].as_str().is_some_and(|o| o.starts_with("3.1")),
+            "{}",
+            v["openapi"]
+        );
+        for path in [
+            "/api/v1/nodes/{node}/items",
+            "/api/v1/ws",
+            "/api/v1/nodes/{node}/events",
+            "/api/v1/publish",
+        ] {
             assert!(v["paths"].get(path).is_some(), "{path} is documented");
         }
     }

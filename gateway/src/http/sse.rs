@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use bytes::Bytes;
 use juxta_core::{Delivery, Epoch, Resume, Subscription};
 use serde::Deserialize;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::extract::{NodeParam, Params, StreamAuth};
 use super::{ApiError, AppState};
@@ -94,8 +95,9 @@ pub(super) async fn events(
             "retry: 2000\nevent: subscribed\ndata: {hello}\n\n"
         ))]),
         keepalive: tokio::time::interval_at(tokio::time::Instant::now() + period, period),
-        shutdown: st.shutdown.clone(),
+        shutdown: Box::pin(st.shutdown.clone().cancelled_owned()),
         metrics: st.metrics.clone(),
+        coalesce: Duration::from_millis(st.http.write_coalesce_ms),
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -117,8 +119,10 @@ struct StreamState {
     sub: Subscription,
     pending: VecDeque<Bytes>,
     keepalive: tokio::time::Interval,
-    shutdown: CancellationToken,
+    /// Created once per stream, not per poll, so streams do not contend on the token.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Arc<HttpMetrics>,
+    coalesce: Duration,
     done: bool,
 }
 
@@ -150,7 +154,7 @@ impl StreamState {
             }
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return None,
+                _ = self.shutdown.as_mut() => return None,
                 d = self.sub.next() => match d {
                     None => return None,
                     Some(Err(e)) => {
@@ -162,6 +166,10 @@ impl StreamState {
                         let node = self.sub.node().clone();
                         let mut n = u64::from(matches!(d, Delivery::Event(_)));
                         self.pending.push_back(frame(node.as_str(), d));
+                        if !self.coalesce.is_zero() {
+                            // Let more events gather before the next write (see the config doc).
+                            tokio::time::sleep(self.coalesce).await;
+                        }
                         while self.pending.len() < BATCH {
                             let Some(d) = self.sub.try_next() else { break };
                             n += u64::from(matches!(d, Delivery::Event(_)));

@@ -7,6 +7,7 @@
 //! connection. A write that does not finish within `http.write_timeout_secs` means the
 //! client stopped reading: it is disconnected, and its memory goes with it.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use super::{ApiError, AppState};
 use crate::http::extract::StreamAuth;
 
 /// Read buffer per connection. Client frames are small; larger ones grow it on demand.
-const READ_BUFFER: usize = 2 * 1024;
+const READ_BUFFER: usize = 1024;
 /// Bytes buffered before a write reaches the socket (batches small frames).
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Hard cap on buffered outgoing bytes per connection.
@@ -173,11 +174,14 @@ impl Session {
         self.st.metrics.ws_sessions.inc();
         let period = Duration::from_secs(self.st.http.keepalive_secs);
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let shutdown = self.st.shutdown.clone();
+        // Created once: registering with the token on every loop turn would make every
+        // session contend on its lock.
+        let token = self.st.shutdown.clone();
+        let mut shutdown = std::pin::pin!(token.cancelled());
         loop {
             let go_on = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
+                _ = &mut shutdown => {
                     let bye = Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }));
                     let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.send(bye)).await;
                     false
@@ -200,14 +204,22 @@ impl Session {
     /// Writes `msgs` with one flush; false when the client is gone or stalled.
     async fn write(&mut self, msgs: Vec<Message>) -> bool {
         let socket = &mut self.socket;
-        let fut = async {
+        let mut fut = std::pin::pin!(async {
             for m in msgs {
                 socket.feed(m).await?;
             }
             socket.flush().await
+        });
+        // Most writes finish at once; only one that has to wait gets a timer.
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+        let result = match first {
+            std::task::Poll::Ready(r) => Ok(r),
+            std::task::Poll::Pending => {
+                tokio::time::timeout(Duration::from_secs(self.st.http.write_timeout_secs), fut)
+                    .await
+            }
         };
-        match tokio::time::timeout(Duration::from_secs(self.st.http.write_timeout_secs), fut).await
-        {
+        match result {
             Ok(Ok(())) => true,
             Ok(Err(_)) => false,
             Err(_) => {
@@ -248,6 +260,10 @@ impl Session {
     async fn deliver(&mut self, node: NodeName, chunk: Chunk) -> bool {
         let mut msgs = Vec::with_capacity(16);
         let (mut delivered, mut close) = self.frames(&node, chunk, &mut msgs);
+        if self.st.http.write_coalesce_ms > 0 && !close {
+            // Let more events gather in the node rings before writing (see the config doc).
+            tokio::time::sleep(Duration::from_millis(self.st.http.write_coalesce_ms)).await;
+        }
         // Take whatever else is ready, without waiting. Polling with a no-op waker is fine
         // here: the select! loop polls the streams again with the task's waker before sleeping.
         while msgs.len() < MAX_WRITE_BATCH && !close {
