@@ -452,6 +452,9 @@ impl Writer {
                 self.commit_batch(cmds);
             }
             if !close.is_empty() {
+                // Release the database before answering, so that once `close` returns and
+                // the store is dropped, the file can be opened again at once.
+                drop(self);
                 for c in close {
                     if let Cmd::Close(r) = c {
                         let _ = r.send(());
