@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use juxta_core::{Bus, EmbeddedConfig, EmbeddedStore, FanOut, Limits, MemoryStore, Metrics, Store};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
@@ -91,9 +91,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_nofile_limit();
     let shutdown = CancellationToken::new();
     let gw = Gateway::build(&cfg, shutdown.clone())?;
-    let tcp = TcpListener::bind(cfg.http.listen)
-        .await
-        .with_context(|| format!("binding HTTP to {}", cfg.http.listen))?;
+    let tcp = bind(cfg.http.listen).with_context(|| format!("binding HTTP to {}", cfg.http.listen))?;
     let addr = tcp.local_addr()?;
     // Scripts and tests wait for this line.
     println!("listening http://{addr}");
@@ -116,6 +114,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     gw.shared.bus.store().close().await;
     tracing::info!("juxta stopped");
     Ok(())
+}
+
+/// Accept backlog: a burst of thousands of subscribers connecting at once should queue in the
+/// kernel, not be dropped (the kernel caps this at `net.core.somaxconn`).
+const BACKLOG: u32 = 4096;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {
