@@ -91,7 +91,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_nofile_limit();
     let shutdown = CancellationToken::new();
     let gw = Gateway::build(&cfg, shutdown.clone())?;
-    let tcp = bind(cfg.http.listen).with_context(|| format!("binding HTTP to {}", cfg.http.listen))?;
+    let tcp =
+        bind(cfg.http.listen).with_context(|| format!("binding HTTP to {}", cfg.http.listen))?;
     let addr = tcp.local_addr()?;
     // Scripts and tests wait for this line.
     println!("listening http://{addr}");
@@ -121,7 +122,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 const BACKLOG: u32 = 4096;
 
 fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
