@@ -67,9 +67,10 @@ pub struct HttpConfig {
     pub write_timeout_secs: u64,
     /// Seconds between keep-alives (WebSocket pings, SSE comments).
     pub keepalive_secs: u64,
-    /// Milliseconds a stream waits after its first ready event to gather more before
-    /// writing. Under load this turns one syscall (and one client wake-up) per event into one
-    /// per batch, at the cost of at most this much added latency; 0 writes at once.
+    /// Shortest time between two writes of events to one WebSocket or SSE client, in
+    /// milliseconds. The first event after a quiet spell goes out at once; under load events
+    /// gather into one write per period — one syscall and one client wake-up per batch
+    /// instead of per event — adding at most this much latency. 0 writes every event at once.
     pub write_coalesce_ms: u64,
 }
 
@@ -84,7 +85,7 @@ impl Default for HttpConfig {
             max_subscriptions_per_connection: 1024,
             write_timeout_secs: 30,
             keepalive_secs: 15,
-            write_coalesce_ms: 2,
+            write_coalesce_ms: 10,
         }
     }
 }

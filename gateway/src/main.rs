@@ -99,6 +99,11 @@ enum Command {
     },
 }
 
+/// mimalloc: the gateway allocates many small, short-lived buffers on many threads (frames,
+/// requests, store pages); it measured faster than the system allocator here.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logs(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
     let b = tracing_subscriber::fmt()

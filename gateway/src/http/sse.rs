@@ -98,6 +98,7 @@ pub(super) async fn events(
         shutdown: Box::pin(st.shutdown.clone().cancelled_owned()),
         metrics: st.metrics.clone(),
         coalesce: Duration::from_millis(st.http.write_coalesce_ms),
+        last_batch: tokio::time::Instant::now(),
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -123,6 +124,7 @@ struct StreamState {
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Arc<HttpMetrics>,
     coalesce: Duration,
+    last_batch: tokio::time::Instant,
     done: bool,
 }
 
@@ -166,10 +168,12 @@ impl StreamState {
                         let node = self.sub.node().clone();
                         let mut n = u64::from(matches!(d, Delivery::Event(_)));
                         self.pending.push_back(frame(node.as_str(), d));
-                        if !self.coalesce.is_zero() {
-                            // Let more events gather before the next write (see the config doc).
-                            tokio::time::sleep(self.coalesce).await;
+                        // At most one batch per coalescing period (see the config doc).
+                        let since = self.last_batch.elapsed();
+                        if since < self.coalesce {
+                            tokio::time::sleep(self.coalesce - since).await;
                         }
+                        self.last_batch = tokio::time::Instant::now();
                         while self.pending.len() < BATCH {
                             let Some(d) = self.sub.try_next() else { break };
                             n += u64::from(matches!(d, Delivery::Event(_)));

@@ -122,6 +122,8 @@ struct Session {
     who: Principal,
     socket: WebSocket,
     subs: StreamMap<NodeName, SubStream>,
+    /// When deliveries were last written, for write coalescing.
+    last_write: tokio::time::Instant,
 }
 
 fn text(v: serde_json::Value) -> Message {
@@ -167,6 +169,7 @@ impl Session {
             who,
             socket,
             subs: StreamMap::new(),
+            last_write: tokio::time::Instant::now(),
         }
     }
 
@@ -260,9 +263,12 @@ impl Session {
     async fn deliver(&mut self, node: NodeName, chunk: Chunk) -> bool {
         let mut msgs = Vec::with_capacity(16);
         let (mut delivered, mut close) = self.frames(&node, chunk, &mut msgs);
-        if self.st.http.write_coalesce_ms > 0 && !close {
-            // Let more events gather in the node rings before writing (see the config doc).
-            tokio::time::sleep(Duration::from_millis(self.st.http.write_coalesce_ms)).await;
+        // At most one write per coalescing period: the first event after a quiet spell goes
+        // out at once, while under load events gather into one write (see the config doc).
+        let period = Duration::from_millis(self.st.http.write_coalesce_ms);
+        let since = self.last_write.elapsed();
+        if since < period && !close {
+            tokio::time::sleep(period - since).await;
         }
         // Take whatever else is ready, without waiting. Polling with a no-op waker is fine
         // here: the select! loop polls the streams again with the task's waker before sleeping.
@@ -277,6 +283,7 @@ impl Session {
             }
         }
         self.st.metrics.ws_deliveries.inc_by(delivered);
+        self.last_write = tokio::time::Instant::now();
         if close {
             msgs.push(Message::Close(Some(CloseFrame {
                 code: 1013,

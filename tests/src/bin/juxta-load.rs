@@ -372,12 +372,13 @@ async fn subscriber(
     let _ = ready.send(Ok(started.elapsed()));
     let mut stream = client.into_inner();
 
+    // One pending "control changed" future at a time, re-armed only when it fires: a fresh
+    // `changed()` per message would make every subscriber contend on the watch's lock.
+    let mut target = control.borrow_and_update().target;
+    let mut changed = Box::pin(control_changed(control.clone()));
     loop {
-        {
-            let c = *control.borrow_and_update();
-            if c.stop || c.target.is_some_and(|t| stats.last_offset >= t) {
-                break;
-            }
+        if target.is_some_and(|t| stats.last_offset >= t) {
+            break;
         }
         tokio::select! {
             msg = stream.next() => match msg {
@@ -396,7 +397,13 @@ async fn subscriber(
                     break;
                 }
             },
-            changed = control.changed() => if changed.is_err() { break },
+            c = &mut changed => match c {
+                Some(c) if !c.stop => {
+                    target = c.target;
+                    changed = Box::pin(control_changed(control.clone()));
+                }
+                _ => break,
+            },
         }
     }
     if let Some(target) = control.borrow().target
@@ -405,6 +412,12 @@ async fn subscriber(
         stats.lost += target - stats.last_offset;
     }
     stats
+}
+
+/// The next control value, or `None` when the controller is gone.
+async fn control_changed(mut rx: watch::Receiver<Control>) -> Option<Control> {
+    rx.changed().await.ok()?;
+    Some(*rx.borrow_and_update())
 }
 
 impl SubStats {
@@ -781,11 +794,17 @@ async fn durable_publish(args: &Args, target: &Target, node: &str) -> Result<Val
         .pool_max_idle_per_host(publishers)
         .build()
         .context("building the HTTP client")?;
-    let url = format!(
-        "{}/api/v1/nodes/{}/items",
-        target.base_url,
-        encode_path_segment(node)
-    );
+    let batch = args.batch.max(1);
+    let url = if batch > 1 {
+        format!("{}/api/v1/publish", target.base_url)
+    } else {
+        format!(
+            "{}/api/v1/nodes/{}/items",
+            target.base_url,
+            encode_path_segment(node)
+        )
+    };
+    let node_json = Arc::new(serde_json::to_string(node).context("node name")?);
     let pad = Arc::new("x".repeat(args.size));
     let claimed = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(Mutex::new(Errors::default()));
@@ -794,12 +813,13 @@ async fn durable_publish(args: &Args, target: &Target, node: &str) -> Result<Val
     let deadline = duration.map(|d| start + d);
     let mut tasks = Vec::with_capacity(publishers);
     for _ in 0..publishers {
-        let (http, url, pad, claimed, errors) = (
+        let (http, url, pad, claimed, errors, node_json) = (
             http.clone(),
             url.clone(),
             pad.clone(),
             claimed.clone(),
             errors.clone(),
+            node_json.clone(),
         );
         let token = target.token.clone();
         let size = args.size;
@@ -807,9 +827,22 @@ async fn durable_publish(args: &Args, target: &Target, node: &str) -> Result<Val
             let mut latency = new_histogram()?;
             let mut acked = 0u64;
             while deadline.is_none_or(|d| Instant::now() < d)
-                && claimed.fetch_add(1, Ordering::Relaxed) < cap
+                && claimed.fetch_add(batch as u64, Ordering::Relaxed) < cap
             {
-                let body = format!("{{\"payload\":{}}}", payload(size, &pad));
+                let body = if batch > 1 {
+                    // POST /api/v1/publish: `batch` items, one durable commit.
+                    let items: Vec<String> = (0..batch)
+                        .map(|_| {
+                            format!(
+                                "{{\"node\":{node_json},\"payload\":{}}}",
+                                payload(size, &pad)
+                            )
+                        })
+                        .collect();
+                    format!("{{\"items\":[{}]}}", items.join(","))
+                } else {
+                    format!("{{\"payload\":{}}}", payload(size, &pad))
+                };
                 let sent = Instant::now();
                 let result = http
                     .post(&url)
@@ -819,6 +852,25 @@ async fn durable_publish(args: &Args, target: &Target, node: &str) -> Result<Val
                     .send()
                     .await;
                 match result {
+                    Ok(resp) if batch > 1 && resp.status().as_u16() == 200 => {
+                        let body = resp.bytes().await.unwrap_or_default();
+                        let took = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        latency.saturating_record(took.clamp(1, MAX_LATENCY_US));
+                        let stored = serde_json::from_slice::<Value>(&body)
+                            .ok()
+                            .and_then(|v| {
+                                v["results"]
+                                    .as_array()
+                                    .map(|r| r.iter().filter(|x| x["offset"].is_u64()).count())
+                            })
+                            .unwrap_or(0);
+                        if stored < batch {
+                            errors
+                                .lock()
+                                .add(format!("{} of {batch} batch items refused", batch - stored));
+                        }
+                        acked += stored as u64;
+                    }
                     Ok(resp) if resp.status().as_u16() == 201 => {
                         // Read the body so the connection goes back to the pool.
                         let _ = resp.bytes().await;
@@ -857,6 +909,7 @@ async fn durable_publish(args: &Args, target: &Target, node: &str) -> Result<Val
         "url": target.base_url,
         "node": node,
         "publishers": publishers,
+        "batch": batch,
         "size_bytes": args.size,
         "published": acked,
         "seconds": secs,
@@ -955,8 +1008,9 @@ fn print_human(r: &Value) {
             r["node"]
         );
         println!(
-            "  {} publishers, {} B payloads: {} items in {:.2} s = {:.0} items/s, errors {}",
+            "  {} publishers, {} item(s) per request, {} B payloads: {} items in {:.2} s = {:.0} items/s, errors {}",
             r["publishers"],
+            r["batch"],
             r["size_bytes"],
             r["published"],
             f(&r["seconds"]),
