@@ -65,6 +65,26 @@ pub(crate) fn sse_frame(ev: &Event) -> Bytes {
     b.freeze()
 }
 
+/// A complete unmasked WebSocket text frame (RFC 6455 §5.2) around `payload`, which must be
+/// UTF-8. Servers never mask, so the frame is the same for every recipient.
+pub fn ws_text_frame(payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(payload.len() + 10);
+    b.put_u8(0x81);
+    match payload.len() {
+        n @ 0..=125 => b.put_u8(n as u8),
+        n @ 126..=0xffff => {
+            b.put_u8(126);
+            b.put_u16(n as u16);
+        }
+        n => {
+            b.put_u8(127);
+            b.put_u64(n as u64);
+        }
+    }
+    b.put_slice(payload);
+    b.freeze()
+}
+
 /// `{"id","offset","payload"|"xml"|"data","publisher","published_at"}`.
 pub fn item(item: &Item, offset: Offset) -> Bytes {
     let mut b = BytesMut::with_capacity(item.payload.len() + 160).writer();
@@ -174,6 +194,21 @@ mod tests {
             .join("\n");
         let v: serde_json::Value = serde_json::from_str(&data).expect("joined data is the JSON");
         assert_eq!(v["item"]["payload"]["a"], 1);
+    }
+
+    #[test]
+    fn websocket_frames_use_the_shortest_length_encoding() {
+        let f = ws_text_frame(b"hi");
+        assert_eq!(&f[..], &[0x81, 2, b'h', b'i']);
+        let f = ws_text_frame(&[b'a'; 126]);
+        assert_eq!(&f[..4], &[0x81, 126, 0, 126]);
+        assert_eq!(f.len(), 4 + 126);
+        let f = ws_text_frame(&vec![b'a'; 70_000]);
+        assert_eq!(&f[..2], &[0x81, 127]);
+        assert_eq!(
+            u64::from_be_bytes(f[2..10].try_into().expect("8 bytes")),
+            70_000
+        );
     }
 
     #[test]

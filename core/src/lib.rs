@@ -31,7 +31,7 @@ pub use access::{Grants, Pattern, Principal};
 pub use bus::{Bus, Limits, NodeInfo, Publish};
 pub use error::Error;
 pub use fanout::{Delivery, FanOut, NotRecovered, Resume, Subscription};
-pub use json::item as item_json;
+pub use json::{item as item_json, ws_text_frame};
 pub use metrics::Metrics;
 pub use model::{
     AccessModel, Change, ContentType, Epoch, Event, EventKind, Item, ItemId, NodeConfig, NodeMeta,

@@ -376,6 +376,8 @@ pub struct Event {
     json: OnceLock<Bytes>,
     /// The Server-Sent Events frame, likewise.
     sse: OnceLock<Bytes>,
+    /// The WebSocket text frame, likewise.
+    ws: OnceLock<Bytes>,
 }
 
 impl Event {
@@ -390,6 +392,7 @@ impl Event {
             origin,
             json: OnceLock::new(),
             sse: OnceLock::new(),
+            ws: OnceLock::new(),
         }
     }
 
@@ -408,6 +411,14 @@ impl Event {
     /// `data:` lines carrying [`Event::json`]. Encoded once, then shared.
     pub fn sse_frame(&self) -> &Bytes {
         self.sse.get_or_init(|| crate::json::sse_frame(self))
+    }
+
+    /// The event as one complete server-to-client WebSocket text frame (RFC 6455 §5.2: FIN,
+    /// opcode 1, unmasked) carrying [`Event::json`]. Encoded once, then copied as-is into
+    /// every subscriber's socket.
+    pub fn ws_frame(&self) -> &Bytes {
+        self.ws
+            .get_or_init(|| crate::json::ws_text_frame(self.json()))
     }
 }
 

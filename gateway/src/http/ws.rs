@@ -7,19 +7,16 @@
 //! connection. A write that does not finish within `http.write_timeout_secs` means the
 //! client stopped reading: it is disconnected, and its memory goes with it.
 
-use std::future::Future as _;
 use std::pin::Pin;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::extract::ws::{
-    CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade,
-    rejection::WebSocketUpgradeRejection,
-};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::Stream;
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
+use hyper_util::rt::TokioIo;
 use juxta_core::{
     Delivery, Epoch, Error, ItemId, NodeName, Origin, Payload, Principal, Publish, Resume,
     Subscription,
@@ -27,21 +24,30 @@ use juxta_core::{
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use tokio::io::AsyncWriteExt as _;
 use tokio_stream::StreamMap;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::{ApiError, AppState};
 use crate::http::extract::StreamAuth;
 
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
 /// Read buffer per connection. Client frames are small; larger ones grow it on demand.
 const READ_BUFFER: usize = 1024;
-/// Bytes buffered before a write reaches the socket (batches small frames).
-const WRITE_BUFFER: usize = 16 * 1024;
-/// Hard cap on buffered outgoing bytes per connection.
-const MAX_WRITE_BUFFER: usize = 8 << 20;
+/// Hard cap on bytes tungstenite may buffer for replies (deliveries bypass it).
+const MAX_WRITE_BUFFER: usize = 1 << 20;
+/// A delivery buffer larger than this is released after its write instead of kept, so that
+/// one burst does not pin memory on an idle connection.
+const KEEP_OUT_BUFFER: usize = 16 * 1024;
 /// Deliveries taken from one subscription per wake-up.
 const SUB_BATCH: usize = 64;
-/// Frames written per flush.
-const MAX_WRITE_BATCH: usize = 512;
+/// Subscription chunks (each up to [`SUB_BATCH`] events) gathered into one write.
+const MAX_WRITE_BATCH: usize = 64;
 
 #[utoipa::path(get, path = "/api/v1/ws", tag = "streams",
     params(("token" = Option<String>, Query, description = "Admin key or JWT, for clients that cannot set the Authorization header")),
@@ -51,22 +57,84 @@ const MAX_WRITE_BATCH: usize = 512;
 pub(super) async fn upgrade(
     State(st): State<AppState>,
     StreamAuth(who): StreamAuth,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut req: Request,
 ) -> Response {
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(e) => {
-            return ApiError::bad_request(format!("expected a WebSocket upgrade: {e}"))
-                .into_response();
-        }
+    let key = match handshake_key(req.method(), req.headers()) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
     };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return ApiError::bad_request("this connection cannot be upgraded").into_response();
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let max = st.http.max_body_bytes;
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| Session::new(st, who, socket).run())
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                Session::new(st, who, socket).run().await;
+            }
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}
+
+/// Checks an RFC 6455 §4.2.1 opening handshake; returns `Sec-WebSocket-Key`.
+fn handshake_key(method: &axum::http::Method, headers: &HeaderMap) -> Result<String, ApiError> {
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    let bad = |why: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("expected a WebSocket upgrade: {why}"),
+        )
+    };
+    if method != axum::http::Method::GET {
+        return Err(bad("use GET"));
+    }
+    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return Err(bad(
+            "missing `Connection: upgrade` and `Upgrade: websocket`",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return Err(bad("`Sec-WebSocket-Version` must be 13"));
+    }
+    match headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(k) if !k.is_empty() => Ok(k.to_owned()),
+        _ => Err(bad("missing `Sec-WebSocket-Key`")),
+    }
 }
 
 /// What a subscription's stream yields.
@@ -120,14 +188,16 @@ struct ClientMsg {
 struct Session {
     st: AppState,
     who: Principal,
-    socket: WebSocket,
+    socket: Socket,
     subs: StreamMap<NodeName, SubStream>,
+    /// Encoded frames of the deliveries being written; released after a large burst.
+    out: Vec<u8>,
     /// When deliveries were last written, for write coalescing.
     last_write: tokio::time::Instant,
 }
 
 fn text(v: serde_json::Value) -> Message {
-    Message::Text(Utf8Bytes::from(v.to_string()))
+    Message::text(v.to_string())
 }
 
 fn with_ref(mut v: serde_json::Value, r: &Option<Box<RawValue>>) -> serde_json::Value {
@@ -146,29 +216,21 @@ fn error_msg(code: &str, message: impl std::fmt::Display, r: &Option<Box<RawValu
     ))
 }
 
-fn delivery_msg(node: &NodeName, d: Delivery) -> Option<Message> {
-    match d {
-        Delivery::Event(ev) => match Utf8Bytes::try_from(ev.json().clone()) {
-            Ok(t) => Some(Message::Text(t)),
-            Err(_) => {
-                tracing::error!(node = %node, offset = ev.offset, "event JSON is not UTF-8; skipped");
-                None
-            }
-        },
-        Delivery::Lost { from, to } => Some(text(json!({
-            "type": "error", "code": "events_lost", "node": node.as_str(), "from": from, "to": to,
-            "message": format!("events {from}..={to} are no longer in history; they were missed"),
-        }))),
-    }
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    }))
 }
 
 impl Session {
-    fn new(st: AppState, who: Principal, socket: WebSocket) -> Self {
+    fn new(st: AppState, who: Principal, socket: Socket) -> Self {
         Self {
             st,
             who,
             socket,
             subs: StreamMap::new(),
+            out: Vec::new(),
             last_write: tokio::time::Instant::now(),
         }
     }
@@ -185,17 +247,17 @@ impl Session {
             let go_on = tokio::select! {
                 biased;
                 _ = &mut shutdown => {
-                    let bye = Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }));
+                    let bye = close(1001, "server shutting down");
                     let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.send(bye)).await;
                     false
                 }
-                msg = self.socket.recv() => match msg {
+                msg = self.socket.next() => match msg {
                     Some(Ok(m)) => self.on_message(m).await,
                     // Closed, or a protocol violation (tungstenite already answered it).
                     _ => false,
                 },
                 Some((node, chunk)) = self.subs.next(), if !self.subs.is_empty() => self.deliver(node, chunk).await,
-                _ = keepalive.tick() => self.write(vec![Message::Ping(Bytes::new())]).await,
+                _ = keepalive.tick() => self.send(vec![Message::Ping(Bytes::new())]).await,
             };
             if !go_on {
                 break;
@@ -204,44 +266,97 @@ impl Session {
         self.st.metrics.ws_sessions.dec();
     }
 
-    /// Writes `msgs` with one flush; false when the client is gone or stalled.
-    async fn write(&mut self, msgs: Vec<Message>) -> bool {
-        let socket = &mut self.socket;
-        let mut fut = std::pin::pin!(async {
-            for m in msgs {
-                socket.feed(m).await?;
-            }
-            socket.flush().await
-        });
-        // Most writes finish at once; only one that has to wait gets a timer.
+    /// Runs a write with the write timeout; only a write that cannot finish at once gets a
+    /// timer. False when the client is gone or stalled.
+    async fn timed<F>(
+        metrics_stalled: &prometheus_client::metrics::counter::Counter,
+        secs: u64,
+        fut: F,
+    ) -> bool
+    where
+        F: std::future::Future<Output = Result<(), ()>>,
+    {
+        let mut fut = std::pin::pin!(fut);
         let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
         let result = match first {
             std::task::Poll::Ready(r) => Ok(r),
-            std::task::Poll::Pending => {
-                tokio::time::timeout(Duration::from_secs(self.st.http.write_timeout_secs), fut)
-                    .await
-            }
+            std::task::Poll::Pending => tokio::time::timeout(Duration::from_secs(secs), fut).await,
         };
         match result {
             Ok(Ok(())) => true,
-            Ok(Err(_)) => false,
+            Ok(Err(())) => false,
             Err(_) => {
-                self.st.metrics.stalled.inc();
+                metrics_stalled.inc();
                 tracing::info!("disconnecting a WebSocket client that stopped reading");
                 false
             }
         }
     }
 
-    /// Turns a chunk into frames; returns how many events it held and whether the
-    /// connection must close after writing them.
-    fn frames(&self, node: &NodeName, chunk: Chunk, msgs: &mut Vec<Message>) -> (u64, bool) {
+    /// Sends protocol messages (replies, pings, close) through tungstenite.
+    async fn send(&mut self, msgs: Vec<Message>) -> bool {
+        let socket = &mut self.socket;
+        let fut = async {
+            for m in msgs {
+                socket.feed(m).await.map_err(|_| ())?;
+            }
+            socket.flush().await.map_err(|_| ())
+        };
+        Self::timed(
+            &self.st.metrics.stalled,
+            self.st.http.write_timeout_secs,
+            fut,
+        )
+        .await
+    }
+
+    /// Writes the encoded deliveries in `self.out` straight to the socket: each event's frame
+    /// was encoded once for all subscribers, so a delivery is a copy, not a serialization.
+    /// tungstenite's own buffer is flushed first, so frames never interleave.
+    async fn write_out(&mut self) -> bool {
+        let (socket, out) = (&mut self.socket, &self.out);
+        let fut = async {
+            socket.flush().await.map_err(|_| ())?;
+            let io = socket.get_mut();
+            io.write_all(out).await.map_err(|_| ())?;
+            io.flush().await.map_err(|_| ())
+        };
+        let ok = Self::timed(
+            &self.st.metrics.stalled,
+            self.st.http.write_timeout_secs,
+            fut,
+        )
+        .await;
+        if self.out.capacity() > KEEP_OUT_BUFFER {
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+        ok
+    }
+
+    /// Appends a chunk's frames to `self.out`; returns how many events it held and whether
+    /// the connection must close after writing them.
+    fn encode(&mut self, node: &NodeName, chunk: Chunk) -> (u64, bool) {
         match chunk {
             Chunk::Deliveries(batch) => {
                 let mut n = 0;
                 for d in batch {
-                    n += u64::from(matches!(d, Delivery::Event(_)));
-                    msgs.extend(delivery_msg(node, d));
+                    match d {
+                        Delivery::Event(ev) => {
+                            n += 1;
+                            self.out.extend_from_slice(ev.ws_frame());
+                        }
+                        Delivery::Lost { from, to } => {
+                            let v = json!({
+                                "type": "error", "code": "events_lost", "node": node.as_str(), "from": from, "to": to,
+                                "message": format!("events {from}..={to} are no longer in history; they were missed"),
+                            });
+                            self.out.extend_from_slice(&juxta_core::ws_text_frame(
+                                v.to_string().as_bytes(),
+                            ));
+                        }
+                    }
                 }
                 (n, false)
             }
@@ -254,43 +369,45 @@ impl Session {
                 } else {
                     e.to_string()
                 };
-                msgs.push(text(json!({"type": "error", "code": e.code(), "node": node.as_str(), "message": message})));
+                let v = json!({"type": "error", "code": e.code(), "node": node.as_str(), "message": message});
+                self.out
+                    .extend_from_slice(&juxta_core::ws_text_frame(v.to_string().as_bytes()));
                 (0, slow)
             }
         }
     }
 
     async fn deliver(&mut self, node: NodeName, chunk: Chunk) -> bool {
-        let mut msgs = Vec::with_capacity(16);
-        let (mut delivered, mut close) = self.frames(&node, chunk, &mut msgs);
+        let (mut delivered, mut close_after) = self.encode(&node, chunk);
         // At most one write per coalescing period: the first event after a quiet spell goes
         // out at once, while under load events gather into one write (see the config doc).
         let period = Duration::from_millis(self.st.http.write_coalesce_ms);
         let since = self.last_write.elapsed();
-        if since < period && !close {
+        if since < period && !close_after {
             tokio::time::sleep(period - since).await;
         }
         // Take whatever else is ready, without waiting. Polling with a no-op waker is fine
         // here: the select! loop polls the streams again with the task's waker before sleeping.
-        while msgs.len() < MAX_WRITE_BATCH && !close {
+        let mut chunks = 1;
+        while chunks < MAX_WRITE_BATCH && !close_after {
             match self.subs.next().now_or_never() {
                 Some(Some((n, c))) => {
-                    let (d, c) = self.frames(&n, c, &mut msgs);
+                    let (d, c) = self.encode(&n, c);
                     delivered += d;
-                    close |= c;
+                    close_after |= c;
+                    chunks += 1;
                 }
                 _ => break,
             }
         }
         self.st.metrics.ws_deliveries.inc_by(delivered);
         self.last_write = tokio::time::Instant::now();
-        if close {
-            msgs.push(Message::Close(Some(CloseFrame {
-                code: 1013,
-                reason: "slow consumer".into(),
-            })));
+        let ok = self.write_out().await;
+        if close_after {
+            self.send(vec![close(1013, "slow consumer")]).await;
+            return false;
         }
-        self.write(msgs).await && !close
+        ok
     }
 
     async fn on_message(&mut self, m: Message) -> bool {
@@ -298,7 +415,7 @@ impl Session {
             Message::Text(t) => {
                 let reply = self.on_text(t.as_str()).await;
                 match reply {
-                    Some(r) => self.write(vec![r]).await,
+                    Some(r) => self.send(vec![r]).await,
                     None => true,
                 }
             }
@@ -309,11 +426,11 @@ impl Session {
                     "binary frames are not supported; send JSON text frames",
                     &None,
                 );
-                self.write(vec![e]).await
+                self.send(vec![e]).await
             }
             Message::Close(_) => false,
             // tungstenite answers pings itself.
-            Message::Ping(_) | Message::Pong(_) => true,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => true,
         }
     }
 
