@@ -95,7 +95,7 @@ pub(super) async fn events(
             "retry: 2000\nevent: subscribed\ndata: {hello}\n\n"
         ))]),
         keepalive: tokio::time::interval_at(tokio::time::Instant::now() + period, period),
-        shutdown: Box::pin(st.shutdown.clone().cancelled_owned()),
+        shutdown: Box::pin(st.shutdown.child_token().cancelled_owned()),
         metrics: st.metrics.clone(),
         coalesce: Duration::from_millis(st.http.write_coalesce_ms),
         last_batch: tokio::time::Instant::now(),

@@ -239,9 +239,9 @@ impl Session {
         self.st.metrics.ws_sessions.inc();
         let period = Duration::from_secs(self.st.http.keepalive_secs);
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        // Created once: registering with the token on every loop turn would make every
-        // session contend on its lock.
-        let token = self.st.shutdown.clone();
+        // A child token per session, created once: polling the shared token from every
+        // session on every loop turn would make them all contend on its lock.
+        let token = self.st.shutdown.child_token();
         let mut shutdown = std::pin::pin!(token.cancelled());
         loop {
             let go_on = tokio::select! {
