@@ -15,26 +15,32 @@
 //! queues, and every phase ends by item count or timeout.
 
 use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, ValueEnum};
-use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use juxta_tests::{
-    Api, Server, ServerOptions, WsClient, cpu_seconds_of, encode_path_segment, raise_nofile_limit,
-    rss_kib_of, unix_nanos,
+    Api, RECV_TIMEOUT, Server, ServerOptions, cpu_seconds_of, encode_path_segment,
+    raise_nofile_limit, rss_kib_of, unix_nanos,
 };
 use parking_lot::Mutex;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::{Response, generate_request};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control as WsControl, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 
 /// Highest latency the histograms hold, in microseconds (larger samples are clamped).
 const MAX_LATENCY_US: u64 = 120_000_000;
@@ -314,19 +320,69 @@ struct SubStats {
     error: Option<String>,
 }
 
+/// The first `byte` in `hay`, eight bytes at a time: in `x = word ^ (byte × 0x01…01)` a
+/// matching byte is zero, and `(x − 0x01…01) & !x & 0x80…80` flags the lowest zero byte
+/// exactly (borrows only make false flags above it).
+fn find_byte(hay: &[u8], byte: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let pattern = LO * u64::from(byte);
+    let mut chunks = hay.chunks_exact(8);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word) ^ pattern;
+        let flags = x.wrapping_sub(LO) & !x & HI;
+        if flags != 0 {
+            return Some(base + (flags.trailing_zeros() / 8) as usize);
+        }
+        base += 8;
+    }
+    let tail = chunks.remainder();
+    tail.iter().position(|&b| b == byte).map(|i| base + i)
+}
+
+/// Where the first `key` in `text` ends: a scan for the key's last byte (`:` for the keys used
+/// here, much rarer in JSON than `"`), then a compare of the bytes before it.
+fn find_key(text: &[u8], key: &[u8]) -> Option<usize> {
+    let (&last, before) = key.split_last()?;
+    let mut from = before.len();
+    while from < text.len() {
+        let at = from + find_byte(&text[from..], last)?;
+        if text[at - before.len()..at].iter().eq(before) {
+            return Some(at + 1);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// The unsigned integer after the first `key` (e.g. `"offset":`) in `text`, and where it ends.
+fn find_u64_at(text: &[u8], key: &[u8]) -> Option<(u64, usize)> {
+    let after = find_key(text, key)?;
+    let rest = text[after..].trim_ascii_start();
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let n = rest[..digits].iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })?;
+    Some((n, text.len() - rest.len() + digits))
+}
+
 /// The unsigned integer after the first `key` (e.g. `"offset":`) in `text`.
-fn find_u64(text: &str, key: &str) -> Option<u64> {
-    let at = text.find(key)? + key.len();
-    let rest = text[at..].trim_start();
-    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    rest[..digits].parse().ok()
+fn find_u64(text: &[u8], key: &[u8]) -> Option<u64> {
+    find_u64_at(text, key).map(|(n, _)| n)
 }
 
 /// The string after the first `key` (e.g. `"type":`) in `text` (no escapes expected).
-fn find_str<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    let at = text.find(key)? + key.len();
-    let rest = text[at..].trim_start().strip_prefix('"')?;
-    Some(&rest[..rest.find('"')?])
+fn find_str<'a>(text: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let rest = text[find_key(text, key)?..]
+        .trim_ascii_start()
+        .strip_prefix(b"\"")?;
+    Some(&rest[..find_byte(rest, b'"')?])
 }
 
 async fn subscriber(
@@ -339,12 +395,8 @@ async fn subscriber(
 ) -> SubStats {
     let mut stats = SubStats::new(latency_us);
     let started = Instant::now();
-    // Small buffers: thousands of these connections live in one process.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(0);
-    let client = match WsClient::try_connect(&ws_url, Some(&token), false, Some(config)).await {
-        Ok(Ok(client)) => client,
+    let mut conn = match RawWs::connect(&ws_url, &token).await {
+        Ok(Ok(conn)) => conn,
         Ok(Err(status)) => {
             let e = format!("WebSocket upgrade refused: HTTP {status}");
             let _ = ready.send(Err(e.clone()));
@@ -358,8 +410,7 @@ async fn subscriber(
             return stats;
         }
     };
-    let mut client = client;
-    let subscribed = match client.subscribed(&node, None, None).await {
+    let subscribed = match conn.subscribed(&node).await {
         Ok(answer) => answer,
         Err(e) => {
             let e = format!("{e:#}");
@@ -370,30 +421,55 @@ async fn subscriber(
     };
     stats.last_offset = subscribed["last_offset"].as_u64().unwrap_or(0);
     let _ = ready.send(Ok(started.elapsed()));
-    let mut stream = client.into_inner();
 
+    // The receive time, taken once per `read` rather than per message: every message that
+    // arrived in one read is recorded with the same receive time (latency and last delivery).
+    // They were all waiting in the socket by then, so this errs by at most the time it takes to
+    // account for one read's worth of messages. (Frames left over from the subscribe exchange
+    // get the time of the first pass.)
+    let (mut now_ns, mut now) = (unix_nanos(), Instant::now());
     // One pending "control changed" future at a time, re-armed only when it fires: a fresh
     // `changed()` per message would make every subscriber contend on the watch's lock.
     let mut target = control.borrow_and_update().target;
     let mut changed = Box::pin(control_changed(control.clone()));
-    loop {
-        if target.is_some_and(|t| stats.last_offset >= t) {
-            break;
+    'run: loop {
+        // Every complete frame in the buffer, checking the target before each as a
+        // message-at-a-time loop would.
+        loop {
+            if target.is_some_and(|t| stats.last_offset >= t) {
+                break 'run;
+            }
+            match conn.next_frame() {
+                Ok(Some(ServerFrame::Text(text))) => stats.handle(text, now_ns, now),
+                Ok(Some(ServerFrame::Ping(data))) => {
+                    // Keepalive pings are rare: answering with a copy is fine.
+                    let data = data.to_vec();
+                    if let Err(e) = conn.pong(data).await {
+                        stats.error = Some(format!("write error: {e:#}"));
+                        break 'run;
+                    }
+                }
+                Ok(Some(ServerFrame::Pong)) => {}
+                Ok(Some(ServerFrame::Close(data))) => {
+                    stats.error = Some(format!("closed by the server: {}", close_reason(data)));
+                    break 'run;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    stats.error = Some(format!("read error: {e}"));
+                    break 'run;
+                }
+            }
         }
         tokio::select! {
-            msg = stream.next() => match msg {
-                Some(Ok(Message::Text(text))) => stats.handle(text.as_str()),
-                Some(Ok(Message::Close(frame))) => {
-                    stats.error = Some(format!("closed by the server: {frame:?}"));
-                    break;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    stats.error = Some(format!("read error: {e}"));
-                    break;
-                }
-                None => {
+            read = conn.fill() => match read {
+                Ok(0) => {
                     stats.error = Some("connection ended".to_owned());
+                    break;
+                }
+                Ok(_) => (now_ns, now) = (unix_nanos(), Instant::now()),
+                Err(e) => {
+                    stats.error = Some(format!("read error: {e}"));
                     break;
                 }
             },
@@ -420,6 +496,321 @@ async fn control_changed(mut rx: watch::Receiver<Control>) -> Option<Control> {
     Some(*rx.borrow_and_update())
 }
 
+// ---------------------------------------------------------------------------------------------
+// the subscribers' WebSocket client
+
+/// Read buffer per subscriber. It is allocated, not zeroed, and reads start at its front again
+/// whenever no partial frame is left over, so an idle subscriber touches only a page or two.
+const READ_BUFFER: usize = 64 * 1024;
+/// Largest server frame accepted (the buffer grows to hold one frame when it must).
+const MAX_FRAME: usize = 64 << 20;
+/// Largest handshake response head accepted.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// A complete server→client frame, borrowed from the read buffer.
+#[derive(Debug, PartialEq, Eq)]
+enum ServerFrame<'a> {
+    /// An unfragmented text message.
+    Text(&'a [u8]),
+    Ping(&'a [u8]),
+    Pong,
+    /// The close payload (status code and reason), possibly empty.
+    Close(&'a [u8]),
+}
+
+/// What [`parse_frame`] found at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed<'a> {
+    /// A frame and the bytes it took.
+    Frame(ServerFrame<'a>, usize),
+    /// An incomplete frame needing this many bytes in all (0: its header is incomplete).
+    Partial(usize),
+}
+
+/// Parses one server→client frame (RFC 6455 §5.2): byte 0 is FIN, three reserved bits and the
+/// opcode; byte 1 is the MASK bit (never set by a server) and a 7-bit length, where 126 means
+/// a 16-bit and 127 a 64-bit big-endian length follows; then the payload. juxta sends each
+/// message as one unfragmented frame, so fragments, binary and unknown opcodes are errors.
+fn parse_frame(b: &[u8]) -> std::result::Result<Parsed<'_>, String> {
+    let [b0, b1, ..] = *b else {
+        return Ok(Parsed::Partial(0));
+    };
+    if b1 & 0x80 != 0 {
+        return Err("a masked frame from the server".to_owned());
+    }
+    if b0 & 0x70 != 0 {
+        return Err(format!("reserved bits set in a frame (byte 0 = {b0:#04x})"));
+    }
+    let (head, len) = match b1 & 0x7f {
+        126 => match b {
+            [_, _, l0, l1, ..] => (4, usize::from(u16::from_be_bytes([*l0, *l1]))),
+            _ => return Ok(Parsed::Partial(0)),
+        },
+        127 => match b.get(2..10) {
+            Some(l) => {
+                let mut be = [0u8; 8];
+                be.copy_from_slice(l);
+                (
+                    10,
+                    usize::try_from(u64::from_be_bytes(be)).unwrap_or(usize::MAX),
+                )
+            }
+            None => return Ok(Parsed::Partial(0)),
+        },
+        n => (2, usize::from(n)),
+    };
+    if len > MAX_FRAME {
+        return Err(format!("a frame of {len} bytes (limit {MAX_FRAME})"));
+    }
+    let total = head + len;
+    let Some(payload) = b.get(head..total) else {
+        return Ok(Parsed::Partial(total));
+    };
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0f;
+    if opcode >= 8 && (!fin || len > 125) {
+        return Err(format!(
+            "an invalid control frame (opcode {opcode}, {len} bytes)"
+        ));
+    }
+    let frame = match opcode {
+        1 if fin => ServerFrame::Text(payload),
+        0 | 1 => return Err("a fragmented message".to_owned()),
+        2 => return Err(format!("a binary frame of {len} bytes")),
+        8 => ServerFrame::Close(payload),
+        9 => ServerFrame::Ping(payload),
+        10 => ServerFrame::Pong,
+        _ => return Err(format!("a frame with unknown opcode {opcode}")),
+    };
+    Ok(Parsed::Frame(frame, total))
+}
+
+/// A close payload for a report: `code 1001 "reason"`.
+fn close_reason(payload: &[u8]) -> String {
+    match payload {
+        [c0, c1, reason @ ..] => format!(
+            "code {} {:?}",
+            u16::from_be_bytes([*c0, *c1]),
+            String::from_utf8_lossy(reason)
+        ),
+        _ => "no close code".to_owned(),
+    }
+}
+
+/// A client frame mask. RFC 6455 wants it unpredictable; std's randomly keyed SipHash over the
+/// clock will do for a load tool.
+fn random_mask() -> [u8; 4] {
+    let [a, b, c, d, ..] = RandomState::new().hash_one(unix_nanos()).to_le_bytes();
+    [a, b, c, d]
+}
+
+/// A WebSocket client over a plain `TcpStream` that parses the server's frames in place from
+/// one reusable read buffer: one `read` takes everything the socket has, and the frames in it
+/// are handled without allocating or copying.
+///
+/// The handshake request is tungstenite's own (`generate_request`), and its response is parsed
+/// and checked like tungstenite does; it is done here rather than by tokio-tungstenite because
+/// `WebSocketStream` does not give back bytes it has read past the last message it returned,
+/// and the events right after the `subscribed` answer must not be lost.
+#[derive(Debug)]
+struct RawWs {
+    sock: TcpStream,
+    /// Received bytes; `buf[start..]` are not consumed yet.
+    buf: Vec<u8>,
+    start: usize,
+    /// Bytes the incomplete frame at `start` needs in all, when its header is in.
+    need: usize,
+}
+
+impl RawWs {
+    /// Connects to `ws_url` (`ws://HOST:PORT/api/v1/ws`) with `?token=` and upgrades:
+    /// `Ok(Err(status))` when the server answers with another HTTP status than 101.
+    async fn connect(ws_url: &str, token: &str) -> Result<std::result::Result<Self, u16>> {
+        let url = format!("{ws_url}?token={}", encode_path_segment(token));
+        let request = url
+            .as_str()
+            .into_client_request()
+            .with_context(|| format!("building a WebSocket request for {ws_url}"))?;
+        if request.uri().scheme_str() != Some("ws") {
+            bail!("{ws_url}: the load tool speaks ws:// only");
+        }
+        let host = request
+            .uri()
+            .host()
+            .with_context(|| format!("{ws_url} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = request.uri().port_u16().unwrap_or(80);
+        let (head, key) = generate_request(request).context("building the handshake")?;
+        let sock = TcpStream::connect((host.as_str(), port))
+            .await
+            .with_context(|| format!("connecting to {ws_url}"))?;
+        sock.set_nodelay(true).context("setting TCP_NODELAY")?;
+        let mut conn = Self {
+            sock,
+            buf: Vec::with_capacity(READ_BUFFER),
+            start: 0,
+            need: 0,
+        };
+        conn.sock
+            .write_all(&head)
+            .await
+            .context("sending the handshake")?;
+        let (used, response) = tokio::time::timeout(CONNECT_BATCH_TIMEOUT, async {
+            loop {
+                if let Some(parsed) =
+                    Response::try_parse(&conn.buf).context("parsing the handshake response")?
+                {
+                    return anyhow::Ok(parsed);
+                }
+                if conn.buf.len() >= MAX_RESPONSE_HEAD {
+                    bail!("a handshake response head over {MAX_RESPONSE_HEAD} bytes");
+                }
+                if conn
+                    .fill()
+                    .await
+                    .context("reading the handshake response")?
+                    == 0
+                {
+                    bail!("the connection closed during the handshake");
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("no handshake response within {CONNECT_BATCH_TIMEOUT:?}"))??;
+        let status = response.status().as_u16();
+        if status != 101 {
+            return Ok(Err(status));
+        }
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        };
+        if !header("upgrade").eq_ignore_ascii_case("websocket")
+            || !header("connection")
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        {
+            bail!("the 101 response does not upgrade to websocket");
+        }
+        if header("sec-websocket-accept") != derive_accept_key(key.as_bytes()) {
+            bail!("the 101 response has a wrong Sec-WebSocket-Accept");
+        }
+        // Anything after the head (nothing, until we subscribe) stays for the frame parser.
+        conn.start = used;
+        Ok(Ok(conn))
+    }
+
+    /// Sends `{"op":"subscribe",...}` as `WsClient::subscribed` does and returns the answer,
+    /// which must be `subscribed` with our `ref`. Frames after it stay in the buffer.
+    async fn subscribed(&mut self, node: &str) -> Result<Value> {
+        let reference = format!("sub-{node}");
+        let op = json!({ "op": "subscribe", "node": node, "ref": reference });
+        self.send(OpCode::Data(Data::Text), op.to_string().into_bytes())
+            .await
+            .context("sending a text frame")?;
+        let answer = tokio::time::timeout(RECV_TIMEOUT, self.next_json())
+            .await
+            .map_err(|_| anyhow!("no WebSocket message within {RECV_TIMEOUT:?}"))??;
+        if answer["type"] != "subscribed" {
+            bail!("subscribe to {node} answered {answer}");
+        }
+        if answer["ref"] != reference.as_str() {
+            bail!("subscribed without our ref: {answer}");
+        }
+        Ok(answer)
+    }
+
+    /// The next text message as JSON (for the setup exchange; pings are answered).
+    async fn next_json(&mut self) -> Result<Value> {
+        loop {
+            match self
+                .next_frame()
+                .map_err(|e| anyhow!("reading the WebSocket: {e}"))?
+            {
+                Some(ServerFrame::Text(text)) => {
+                    return serde_json::from_slice(text).with_context(|| {
+                        format!(
+                            "server sent non-JSON text: {}",
+                            String::from_utf8_lossy(text)
+                        )
+                    });
+                }
+                Some(ServerFrame::Ping(data)) => {
+                    let data = data.to_vec();
+                    self.pong(data).await?;
+                }
+                Some(ServerFrame::Pong) => {}
+                Some(ServerFrame::Close(data)) => {
+                    bail!("the server closed the WebSocket: {}", close_reason(data))
+                }
+                None => {
+                    if self.fill().await.context("reading the WebSocket")? == 0 {
+                        bail!("the WebSocket stream ended");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next complete frame in the buffer (consumed), or `None` when more must be read.
+    fn next_frame(&mut self) -> std::result::Result<Option<ServerFrame<'_>>, String> {
+        match parse_frame(&self.buf[self.start..])? {
+            Parsed::Frame(frame, used) => {
+                self.start += used;
+                Ok(Some(frame))
+            }
+            Parsed::Partial(need) => {
+                self.need = need;
+                Ok(None)
+            }
+        }
+    }
+
+    /// One `read` of whatever the socket has into the buffer, after moving an incomplete frame
+    /// (if any) to its front and growing it if that frame is larger than the buffer. `Ok(0)`
+    /// at the end of the stream. Cancel-safe: nothing is lost if the read is dropped.
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.start > 0 {
+            // Usually everything was consumed and this is a plain reset.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let want = self.need.max(self.buf.len() + 1);
+        if want > self.buf.capacity() {
+            self.buf.reserve(want - self.buf.len());
+        }
+        self.sock.read_buf(&mut self.buf).await
+    }
+
+    /// Answers a ping.
+    async fn pong(&mut self, data: Vec<u8>) -> Result<()> {
+        self.send(OpCode::Control(WsControl::Pong), data)
+            .await
+            .context("sending a pong")
+    }
+
+    /// Sends one masked frame (formatted by tungstenite).
+    async fn send(&mut self, opcode: OpCode, payload: Vec<u8>) -> Result<()> {
+        let header = FrameHeader {
+            is_final: true,
+            opcode,
+            mask: Some(random_mask()),
+            ..FrameHeader::default()
+        };
+        let mut out = Vec::with_capacity(payload.len() + 14);
+        Frame::from_payload(header, payload.into())
+            .format(&mut out)
+            .context("formatting a frame")?;
+        self.sock.write_all(&out).await?;
+        Ok(())
+    }
+}
+
 impl SubStats {
     fn new(latency_us: Histogram<u64>) -> Self {
         Self {
@@ -434,12 +825,13 @@ impl SubStats {
         }
     }
 
-    /// Accounts for one text message with a cheap scan instead of a full JSON parse.
-    fn handle(&mut self, text: &str) {
-        let now_ns = unix_nanos();
-        match find_str(text, "\"type\":") {
-            Some("event") => {
-                let Some(offset) = find_u64(text, "\"offset\":") else {
+    /// Accounts for one text message received at `now_ns` (unix nanos) / `now`, with a cheap
+    /// byte scan instead of a full JSON parse. The server only sends valid UTF-8, so the bytes
+    /// are not validated.
+    fn handle(&mut self, text: &[u8], now_ns: u64, now: Instant) {
+        match find_str(text, b"\"type\":") {
+            Some(b"event") => {
+                let Some((offset, end)) = find_u64_at(text, b"\"offset\":") else {
                     return;
                 };
                 if offset <= self.last_offset {
@@ -449,18 +841,21 @@ impl SubStats {
                 self.lost += offset - self.last_offset - 1;
                 self.last_offset = offset;
                 self.received += 1;
-                self.last_delivery = Some(Instant::now());
-                if let Some(sent_ns) = find_u64(text, "\"t\":") {
+                self.last_delivery = Some(now);
+                // The send time is in the payload, after the event's offset: no need to scan
+                // the envelope again.
+                if let Some(sent_ns) = find_u64(&text[end..], b"\"t\":") {
                     let us = now_ns.saturating_sub(sent_ns) / 1000;
                     self.latency_us
                         .saturating_record(us.clamp(1, MAX_LATENCY_US));
                 }
             }
-            Some("error") => {
-                if find_str(text, "\"code\":") == Some("events_lost") {
+            Some(b"error") => {
+                if find_str(text, b"\"code\":") == Some(b"events_lost") {
                     self.lost_notices += 1;
                 } else if self.error.is_none() {
-                    self.error = Some(text.chars().take(200).collect());
+                    let head = &text[..text.len().min(200)];
+                    self.error = Some(String::from_utf8_lossy(head).into_owned());
                 }
             }
             _ => {}
@@ -1042,22 +1437,54 @@ mod tests {
 
     #[test]
     fn given_an_event_text_when_scanned_then_offset_and_send_time_are_found() {
-        let text = r#"{"type":"event","node":"n","offset":42,"epoch":"00","kind":"published","item":{"id":"a","offset":42,"payload":{"t": 1700000000000000000,"pad":"xx"}}}"#;
-        assert_eq!(find_str(text, "\"type\":"), Some("event"));
-        assert_eq!(find_u64(text, "\"offset\":"), Some(42));
-        assert_eq!(find_u64(text, "\"t\":"), Some(1_700_000_000_000_000_000));
-        assert_eq!(find_u64(text, "\"missing\":"), None);
+        let text = br#"{"type":"event","node":"n","offset":42,"epoch":"00","kind":"published","item":{"id":"a","offset":42,"payload":{"t": 1700000000000000000,"pad":"xx"}}}"#;
+        assert_eq!(find_str(text, b"\"type\":"), Some(&b"event"[..]));
+        assert_eq!(find_u64(text, b"\"offset\":"), Some(42));
+        assert_eq!(find_u64(text, b"\"t\":"), Some(1_700_000_000_000_000_000));
+        assert_eq!(find_u64(text, b"\"missing\":"), None);
+        assert_eq!(find_u64(br#"{"a":"x:","t":"#, b"\"t\":"), None);
+        assert_eq!(find_u64(br#"{"t":99999999999999999999}"#, b"\"t\":"), None);
+        assert_eq!(find_str(br#""type":"x"#, b"\"type\":"), None);
+        assert_eq!(
+            find_u64_at(b"{\"offset\": 7,", b"\"offset\":"),
+            Some((7, 12))
+        );
+    }
+
+    #[test]
+    fn given_any_position_when_a_byte_is_searched_then_the_first_one_is_found() {
+        for len in 0..40 {
+            for at in 0..len {
+                let mut hay = vec![b'a'; len];
+                hay[at] = b':';
+                if at + 3 < len {
+                    hay[at + 3] = b':';
+                }
+                // 0x3b = b':' + 1: borrows must not turn it into a false match.
+                hay.iter_mut()
+                    .skip(at + 1)
+                    .step_by(2)
+                    .for_each(|b| *b = 0x3b);
+                assert_eq!(find_byte(&hay, b':'), Some(at), "{len} {at}");
+            }
+            assert_eq!(find_byte(&vec![b'a'; len], b':'), None);
+        }
     }
 
     #[test]
     fn given_a_gap_and_a_repeat_when_handled_then_lost_and_duplicates_are_counted() {
         let mut stats = SubStats::new(new_histogram().expect("valid bounds"));
+        let now = Instant::now();
         for offset in [1, 2, 5, 5, 3, 6] {
-            stats.handle(&format!(
-                r#"{{"type":"event","offset":{offset},"item":{{"payload":{{"t":1}}}}}}"#
-            ));
+            let text =
+                format!(r#"{{"type":"event","offset":{offset},"item":{{"payload":{{"t":1}}}}}}"#);
+            stats.handle(text.as_bytes(), 2_000_001, now);
         }
-        stats.handle(r#"{"type":"error","code":"events_lost","from":3,"to":4}"#);
+        stats.handle(
+            br#"{"type":"error","code":"events_lost","from":3,"to":4}"#,
+            0,
+            now,
+        );
         assert_eq!(
             (
                 stats.received,
@@ -1067,6 +1494,208 @@ mod tests {
             ),
             (4, 2, 2, 1)
         );
+        assert_eq!(stats.latency_us.len(), 4);
+        // (2 000 001 ns − 1 ns) / 1000 = 2000 µs, within the histogram's resolution.
+        assert!(stats.latency_us.equivalent(stats.latency_us.max(), 2000));
+        assert_eq!(stats.last_delivery, Some(now));
+        stats.handle(br#"{"type":"error","code":"forbidden"}"#, 0, now);
+        assert_eq!(
+            stats.error.as_deref(),
+            Some(r#"{"type":"error","code":"forbidden"}"#)
+        );
+    }
+
+    /// A server→client frame as a server writes it (unmasked).
+    fn server_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(u8::try_from(n).expect("small")),
+            n if n <= 0xffff => {
+                out.push(126);
+                out.extend(u16::try_from(n).expect("16 bits").to_be_bytes());
+            }
+            n => {
+                out.push(127);
+                out.extend(u64::try_from(n).expect("64 bits").to_be_bytes());
+            }
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn given_frames_of_each_length_form_when_parsed_then_payloads_and_sizes_are_found() {
+        for len in [0, 1, 125, 126, 300, 0xffff, 0x1_0000, 70_000] {
+            let payload = vec![b'x'; len];
+            let wire = server_frame(0x81, &payload);
+            assert_eq!(
+                parse_frame(&wire),
+                Ok(Parsed::Frame(ServerFrame::Text(&payload), wire.len())),
+                "{len} bytes"
+            );
+            // Every proper prefix is incomplete; once the header is in, the size is known.
+            let head = wire.len() - len;
+            for cut in [0, 1, head - 1, head, wire.len() - 1] {
+                if cut >= wire.len() {
+                    continue;
+                }
+                let expect = if cut < head { 0 } else { wire.len() };
+                assert_eq!(
+                    parse_frame(&wire[..cut]),
+                    Ok(Parsed::Partial(expect)),
+                    "{len} bytes cut at {cut}"
+                );
+            }
+        }
+        assert_eq!(
+            parse_frame(&server_frame(0x89, b"hi")),
+            Ok(Parsed::Frame(ServerFrame::Ping(b"hi"), 4))
+        );
+        assert_eq!(
+            parse_frame(&server_frame(0x8a, b"")),
+            Ok(Parsed::Frame(ServerFrame::Pong, 2))
+        );
+        assert_eq!(
+            parse_frame(&server_frame(0x88, b"\x03\xe9bye")),
+            Ok(Parsed::Frame(ServerFrame::Close(b"\x03\xe9bye"), 7))
+        );
+        assert_eq!(close_reason(b"\x03\xe9bye"), r#"code 1001 "bye""#);
+    }
+
+    #[test]
+    fn given_frames_a_server_must_not_send_when_parsed_then_they_are_errors() {
+        let masked = [0x81, 0x81, 1, 2, 3, 4, b'x'];
+        assert!(parse_frame(&masked).is_err());
+        assert!(parse_frame(&server_frame(0x01, b"part")).is_err()); // text, not FIN
+        assert!(parse_frame(&server_frame(0x80, b"rest")).is_err()); // continuation
+        assert!(parse_frame(&server_frame(0x82, b"bin")).is_err());
+        assert!(parse_frame(&server_frame(0xc1, b"rsv1")).is_err());
+        assert!(parse_frame(&server_frame(0x83, b"")).is_err());
+        assert!(parse_frame(&server_frame(0x09, b"")).is_err()); // fragmented ping
+        assert!(parse_frame(&server_frame(0x89, &[0; 126])).is_err());
+        let mut huge = vec![0x81, 127];
+        huge.extend(u64::MAX.to_be_bytes());
+        assert!(parse_frame(&huge).is_err());
+    }
+
+    /// A tokio-tungstenite server that answers the subscribe op with `subscribed`, a ping and
+    /// `events` events (flushed together, so they reach the client in one segment), then a
+    /// big event and a close.
+    async fn fake_server(listener: tokio::net::TcpListener, events: u64) -> Result<Value> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let (tcp, _) = listener.accept().await?;
+        let mut ws = tokio_tungstenite::accept_async(tcp).await?;
+        let op = match ws.next().await.context("no op")?? {
+            Message::Text(t) => serde_json::from_str::<Value>(t.as_str())?,
+            other => bail!("expected the subscribe op, got {other:?}"),
+        };
+        let reference = op["ref"].clone();
+        let subscribed = json!({"type": "subscribed", "ref": reference, "last_offset": 10});
+        ws.feed(Message::text(subscribed.to_string())).await?;
+        ws.feed(Message::Ping(b"keep".to_vec().into())).await?;
+        for offset in 11..11 + events {
+            let event = format!(
+                r#"{{"type":"event","offset":{offset},"item":{{"payload":{{"t":{}}}}}}}"#,
+                unix_nanos()
+            );
+            ws.feed(Message::text(event)).await?;
+        }
+        ws.flush().await?;
+        let big = format!(
+            r#"{{"type":"event","offset":{},"item":{{"payload":{{"t":1,"pad":"{}"}}}}}}"#,
+            11 + events,
+            "x".repeat(3 * READ_BUFFER)
+        );
+        ws.send(Message::text(big)).await?;
+        // The client answers the ping.
+        let pong = loop {
+            match ws.next().await.context("no pong")?? {
+                Message::Pong(p) => break p,
+                Message::Text(_) => {}
+                other => bail!("expected a pong, got {other:?}"),
+            }
+        };
+        if pong.as_ref() != b"keep" {
+            bail!("pong payload {pong:?}");
+        }
+        ws.send(Message::Close(None)).await?;
+        Ok(op)
+    }
+
+    #[tokio::test]
+    async fn given_events_right_after_subscribed_when_received_raw_then_none_is_lost() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(fake_server(listener, 500));
+        let mut conn = RawWs::connect(&format!("ws://{addr}/api/v1/ws"), "k/y")
+            .await
+            .expect("connect")
+            .expect("upgraded");
+        let answer = conn.subscribed("n1").await.expect("subscribed");
+        assert_eq!(answer["last_offset"], 10);
+        let mut stats = SubStats::new(new_histogram().expect("valid bounds"));
+        stats.last_offset = 10;
+        let (mut pings, mut closed) = (0, false);
+        while !closed {
+            let now = (unix_nanos(), Instant::now());
+            while let Some(frame) = conn.next_frame().expect("valid frames") {
+                match frame {
+                    ServerFrame::Text(text) => stats.handle(text, now.0, now.1),
+                    ServerFrame::Ping(data) => {
+                        let data = data.to_vec();
+                        pings += 1;
+                        conn.pong(data).await.expect("pong");
+                    }
+                    ServerFrame::Pong => {}
+                    ServerFrame::Close(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if !closed {
+                assert!(conn.fill().await.expect("read") > 0, "ended before close");
+            }
+        }
+        let op = server.await.expect("server task").expect("server");
+        assert_eq!(
+            op,
+            json!({"op": "subscribe", "node": "n1", "ref": "sub-n1"})
+        );
+        assert_eq!((stats.received, stats.lost, stats.duplicates), (501, 0, 0));
+        assert_eq!(stats.last_offset, 511);
+        assert_eq!(pings, 1);
+        assert!(conn.buf.capacity() > 3 * READ_BUFFER);
+    }
+
+    #[tokio::test]
+    async fn given_a_refused_upgrade_when_connecting_raw_then_the_status_is_returned() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await?;
+            let mut head = vec![0u8; 4096];
+            let n = tcp.read(&mut head).await?;
+            head.truncate(n);
+            tcp.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                .await?;
+            anyhow::Ok(String::from_utf8(head)?)
+        });
+        let refused = RawWs::connect(&format!("ws://{addr}/api/v1/ws"), "secret")
+            .await
+            .expect("transport ok");
+        assert_eq!(refused.err(), Some(401));
+        let head = server.await.expect("server task").expect("server");
+        assert!(
+            head.starts_with("GET /api/v1/ws?token=secret HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("Sec-WebSocket-Key: "), "{head}");
     }
 
     #[test]
