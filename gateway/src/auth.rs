@@ -189,6 +189,16 @@ impl Authenticator {
     }
 }
 
+fn claims(sub: &str, grants: Grants, ttl: Duration) -> Claims {
+    let now = juxta_core::time::now_ms() / 1000;
+    Claims {
+        sub: sub.to_owned(),
+        exp: now + ttl.as_secs(),
+        iat: now,
+        juxta: grants,
+    }
+}
+
 /// Mints an HS256 token.
 pub fn mint_hs256(
     secret: &str,
@@ -196,17 +206,11 @@ pub fn mint_hs256(
     grants: Grants,
     ttl: Duration,
 ) -> anyhow::Result<String> {
-    let now = juxta_core::time::now_ms() / 1000;
-    let claims = Claims {
-        sub: sub.to_owned(),
-        exp: now + ttl.as_secs(),
-        iat: now,
-        juxta: grants,
-    };
+    let key = EncodingKey::from_secret(secret.as_bytes());
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
+        &claims(sub, grants, ttl),
+        &key,
     )?)
 }
 
@@ -217,17 +221,10 @@ pub fn mint_eddsa(
     grants: Grants,
     ttl: Duration,
 ) -> anyhow::Result<String> {
-    let now = juxta_core::time::now_ms() / 1000;
-    let claims = Claims {
-        sub: sub.to_owned(),
-        exp: now + ttl.as_secs(),
-        iat: now,
-        juxta: grants,
-    };
     let key = EncodingKey::from_ed_pem(private_pem).context("not an Ed25519 private key")?;
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::EdDSA),
-        &claims,
+        &claims(sub, grants, ttl),
         &key,
     )?)
 }
@@ -287,6 +284,49 @@ mod tests {
         assert_eq!(
             a.authenticate(Some(&forged)).err(),
             Some(AuthError::Invalid)
+        );
+    }
+
+    /// A throwaway key pair for tests only (generated with `openssl genpkey -algorithm ed25519`).
+    const TEST_ED25519_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIEgwOUbk1bklFBbsF70/60S4vCE49p7gZsffyU1IHVhe\n-----END PRIVATE KEY-----\n";
+    const TEST_ED25519_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEACNGHB5zbJda+IyMc9Sb1/6YgULXHFiIi3fUkDUIStxQ=\n-----END PUBLIC KEY-----\n";
+
+    #[test]
+    fn eddsa_tokens_verify_with_the_configured_public_key_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pub_path = dir.path().join("jwt.pub.pem");
+        std::fs::write(&pub_path, TEST_ED25519_PUBLIC).expect("write key");
+        let mut cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        cfg.auth.admin_keys = vec!["admin-key-0123456789".into()];
+        cfg.auth.jwt_public_key = Some(pub_path);
+        let a = Authenticator::from_config(&cfg).expect("builds");
+        let grants = Grants {
+            subscribe: vec![Pattern::new("*")],
+            ..Grants::default()
+        };
+        let t = mint_eddsa(
+            TEST_ED25519_PRIVATE.as_bytes(),
+            "carol",
+            grants,
+            Duration::from_secs(60),
+        )
+        .expect("mint");
+        let p = a.authenticate(Some(&t)).expect("valid");
+        assert!(p.can_subscribe("anything") && !p.can_publish("anything"));
+        let hs = mint_hs256(
+            &"s".repeat(32),
+            "carol",
+            Grants::default(),
+            Duration::from_secs(60),
+        )
+        .expect("mint");
+        assert_eq!(
+            a.authenticate(Some(&hs)).err(),
+            Some(AuthError::Invalid),
+            "an HS256 token is refused"
         );
     }
 
