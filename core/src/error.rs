@@ -10,6 +10,12 @@ pub enum Error {
     /// The node does not exist.
     #[error("node {0} does not exist")]
     NodeNotFound(String),
+    /// The account does not exist.
+    #[error("account {0} does not exist")]
+    AccountNotFound(String),
+    /// A username that breaks the rules.
+    #[error("invalid username {0}")]
+    InvalidUsername(String),
     /// The item does not exist.
     #[error("item {0} does not exist")]
     ItemNotFound(String),
@@ -77,6 +83,8 @@ impl Error {
         match self {
             Error::NodeNotFound(_) => "node_not_found",
             Error::ItemNotFound(_) => "item_not_found",
+            Error::AccountNotFound(_) => "account_not_found",
+            Error::InvalidUsername(_) => "invalid_username",
             Error::InvalidNodeName(_) => "invalid_node_name",
             Error::InvalidItemId(_) => "invalid_item_id",
             Error::InvalidConfig(_) => "invalid_config",

@@ -4,6 +4,7 @@
 //!
 //! - [`model`]: nodes, items, payloads, offsets, epochs, events, node configuration.
 //! - [`access`]: principals and their grants.
+//! - [`account`]: XMPP accounts with salted SCRAM credentials.
 //! - [`store`]: the [`Store`] trait — the sequencer and history of every node — with the
 //!   memory and embedded (redb) backends.
 //! - [`fanout`]: per-node rings of committed events and the [`Subscription`] that reads them,
@@ -17,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod account;
 pub mod bus;
 mod error;
 pub mod fanout;
@@ -28,6 +30,7 @@ pub mod time;
 mod xml;
 
 pub use access::{Grants, Pattern, Principal};
+pub use account::{Account, ScramKeys, Username};
 pub use bus::{Bus, Limits, NodeInfo, Publish};
 pub use error::Error;
 pub use fanout::{Delivery, FanOut, NotRecovered, Resume, Subscription};

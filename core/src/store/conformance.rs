@@ -220,6 +220,31 @@ where
     assert_ne!(fresh.epoch, meta.epoch, "a recreated node has a new epoch");
     assert_eq!(fresh.last_offset, 0);
     assert!(s.read(&n, 0, 10).await.expect("read").records.is_empty());
+    // Accounts.
+    let alice = crate::account::Username::new("Alice").expect("username");
+    let keys = crate::account::ScramKeys {
+        salt: vec![1, 2, 3],
+        iterations: 4096,
+        stored_key: vec![4; 32],
+        server_key: vec![5; 32],
+    };
+    let account = crate::account::Account {
+        username: alice.clone(),
+        scram_sha1: keys.clone(),
+        scram_sha256: keys,
+        updated_at: 1,
+    };
+    assert!(s.put_account(account.clone()).await.expect("create"));
+    assert!(!s.put_account(account.clone()).await.expect("replace"));
+    assert_eq!(s.account(&alice).await.expect("read"), Some(account));
+    assert_eq!(s.accounts().await.expect("list"), vec![alice.clone()]);
+    s.delete_account(&alice).await.expect("delete");
+    assert!(s.account(&alice).await.expect("read").is_none());
+    assert!(matches!(
+        s.delete_account(&alice).await,
+        Err(Error::AccountNotFound(_))
+    ));
+
     s.ready().expect("ready");
     s.close().await;
 }

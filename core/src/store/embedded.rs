@@ -8,7 +8,8 @@
 //! snapshots and never wait for the writer.
 //!
 //! Tables: `nodes` (name → meta JSON), `log` ((node, offset) → record), `items`
-//! ((node, item id) → offset of the current version), `idempotency` ((node, key) → entry).
+//! ((node, item id) → offset of the current version), `idempotency` ((node, key) → entry),
+//! `accounts` (username → account JSON).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use tokio::sync::oneshot;
 use super::codec::{self, IdemEntry};
 use super::log::{self, LogTx};
 use super::{Append, Appended, CommitSink, ItemsPage, Op, Page, Store};
+use crate::account::{Account, Username};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::model::{
@@ -35,6 +37,7 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log");
 const ITEMS: TableDefinition<(&str, &str), u64> = TableDefinition::new("items");
 const IDEM: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
+const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 
 /// Most requests one commit takes.
 const MAX_BATCH: usize = 1024;
@@ -81,6 +84,8 @@ enum Cmd {
         oneshot::Sender<Result<(NodeMeta, bool), Error>>,
     ),
     DeleteNode(NodeName, Origin, oneshot::Sender<Result<(), Error>>),
+    PutAccount(Account, oneshot::Sender<Result<bool, Error>>),
+    DeleteAccount(Username, oneshot::Sender<Result<(), Error>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -142,6 +147,7 @@ impl EmbeddedStore {
             w.open_table(LOG)?;
             w.open_table(ITEMS)?;
             w.open_table(IDEM)?;
+            w.open_table(ACCOUNTS)?;
             let mut metas = HashMap::new();
             {
                 let t = w.open_table(NODES)?;
@@ -206,6 +212,10 @@ impl EmbeddedStore {
         .await
         .map_err(|e| Error::Storage(format!("read task: {e}")))?
     }
+}
+
+fn decode_account(b: &[u8]) -> Result<Account, Error> {
+    serde_json::from_slice(b).map_err(|e| Error::Storage(format!("account record: {e}")))
 }
 
 fn read_meta(r: &redb::ReadTransaction, node: &NodeName) -> Result<NodeMeta, Error> {
@@ -340,6 +350,39 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn put_account(&self, account: Account) -> Result<bool, Error> {
+        self.call(|r| Cmd::PutAccount(account, r)).await?
+    }
+
+    async fn account(&self, username: &Username) -> Result<Option<Account>, Error> {
+        let username = username.clone();
+        self.read_with(move |r| {
+            let t = r.open_table(ACCOUNTS)?;
+            match t.get(username.as_str())? {
+                Some(v) => Ok(Some(decode_account(v.value())?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn delete_account(&self, username: &Username) -> Result<(), Error> {
+        let username = username.clone();
+        self.call(|r| Cmd::DeleteAccount(username, r)).await?
+    }
+
+    async fn accounts(&self) -> Result<Vec<Username>, Error> {
+        self.read_with(|r| {
+            let t = r.open_table(ACCOUNTS)?;
+            let mut out = Vec::new();
+            for entry in t.iter()? {
+                out.push(Username::new(entry?.0.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     fn ready(&self) -> Result<(), Error> {
         if self.alive.load(Ordering::SeqCst) {
             Ok(())
@@ -375,6 +418,8 @@ enum Outcome {
         oneshot::Sender<Result<(NodeMeta, bool), Error>>,
     ),
     DeleteNode(Result<(), Error>, oneshot::Sender<Result<(), Error>>),
+    PutAccount(bool, oneshot::Sender<Result<bool, Error>>),
+    DeleteAccount(Result<(), Error>, oneshot::Sender<Result<(), Error>>),
 }
 
 struct Tables<'t> {
@@ -382,6 +427,7 @@ struct Tables<'t> {
     log: Table<'t, (&'static str, u64), &'static [u8]>,
     items: Table<'t, (&'static str, &'static str), u64>,
     idem: Table<'t, (&'static str, &'static str), &'static [u8]>,
+    accounts: Table<'t, &'static str, &'static [u8]>,
 }
 
 struct NodeTx<'a, 't> {
@@ -488,6 +534,7 @@ impl Writer {
                     log: txn.open_table(LOG)?,
                     items: txn.open_table(ITEMS)?,
                     idem: txn.open_table(IDEM)?,
+                    accounts: txn.open_table(ACCOUNTS)?,
                 };
                 let now = time::now_ms();
                 for cmd in cmds {
@@ -519,6 +566,22 @@ impl Writer {
                                 now,
                             )?;
                             outcomes.push(Outcome::DeleteNode(r, reply));
+                        }
+                        Cmd::PutAccount(account, reply) => {
+                            let bytes = serde_json::to_vec(&account)
+                                .map_err(|e| Error::Storage(format!("account record: {e}")))?;
+                            let created = t
+                                .accounts
+                                .insert(account.username.as_str(), bytes.as_slice())?
+                                .is_none();
+                            outcomes.push(Outcome::PutAccount(created, reply));
+                        }
+                        Cmd::DeleteAccount(username, reply) => {
+                            let r = match t.accounts.remove(username.as_str())? {
+                                Some(_) => Ok(()),
+                                None => Err(Error::AccountNotFound(username.to_string())),
+                            };
+                            outcomes.push(Outcome::DeleteAccount(r, reply));
                         }
                         Cmd::Close(_) => {}
                     }
@@ -554,6 +617,8 @@ impl Writer {
                         Outcome::Append(r, reply) => drop(reply.send(r)),
                         Outcome::PutNode(r, reply) => drop(reply.send(r)),
                         Outcome::DeleteNode(r, reply) => drop(reply.send(r)),
+                        Outcome::PutAccount(r, reply) => drop(reply.send(Ok(r))),
+                        Outcome::DeleteAccount(r, reply) => drop(reply.send(r)),
                     }
                 }
             }
@@ -569,6 +634,8 @@ impl Writer {
                         }
                         Outcome::PutNode(_, reply) => drop(reply.send(Err(fail()))),
                         Outcome::DeleteNode(_, reply) => drop(reply.send(Err(fail()))),
+                        Outcome::PutAccount(_, reply) => drop(reply.send(Err(fail()))),
+                        Outcome::DeleteAccount(_, reply) => drop(reply.send(Err(fail()))),
                     }
                 }
                 // Commands that never got an outcome are dropped: their callers see `Unavailable`.

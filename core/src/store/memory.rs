@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use super::log::{self, LogTx};
 use super::{Append, Appended, CommitSink, ItemsPage, Op, Page, Store};
+use crate::account::{Account, Username};
 use crate::error::Error;
 use crate::model::{
     Change, Event, Item, ItemId, NodeConfig, NodeMeta, NodeName, Offset, Origin, Record,
@@ -26,6 +27,7 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     nodes: HashMap<NodeName, MemNode>,
+    accounts: BTreeMap<Username, Account>,
 }
 
 #[derive(Debug)]
@@ -258,6 +260,29 @@ impl Store for MemoryStore {
             }) => Some((*o, item.clone())),
             _ => None,
         }))
+    }
+
+    async fn put_account(&self, account: Account) -> Result<bool, Error> {
+        let mut inner = self.inner.lock();
+        Ok(inner
+            .accounts
+            .insert(account.username.clone(), account)
+            .is_none())
+    }
+
+    async fn account(&self, username: &Username) -> Result<Option<Account>, Error> {
+        Ok(self.inner.lock().accounts.get(username).cloned())
+    }
+
+    async fn delete_account(&self, username: &Username) -> Result<(), Error> {
+        match self.inner.lock().accounts.remove(username) {
+            Some(_) => Ok(()),
+            None => Err(Error::AccountNotFound(username.to_string())),
+        }
+    }
+
+    async fn accounts(&self) -> Result<Vec<Username>, Error> {
+        Ok(self.inner.lock().accounts.keys().cloned().collect())
     }
 
     fn ready(&self) -> Result<(), Error> {

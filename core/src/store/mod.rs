@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::account::{Account, Username};
 use crate::error::Error;
 use crate::model::{
     Epoch, Event, Item, ItemId, NodeConfig, NodeMeta, NodeName, Offset, Origin, Payload, Record,
@@ -130,6 +131,18 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// One current item.
     async fn item(&self, node: &NodeName, id: &ItemId) -> Result<Option<(Offset, Item)>, Error>;
+
+    /// Creates or replaces an account; `true` when it was created.
+    async fn put_account(&self, account: Account) -> Result<bool, Error>;
+
+    /// One account.
+    async fn account(&self, username: &Username) -> Result<Option<Account>, Error>;
+
+    /// Deletes an account; [`Error::AccountNotFound`] if there is none.
+    async fn delete_account(&self, username: &Username) -> Result<(), Error>;
+
+    /// Every username, sorted.
+    async fn accounts(&self) -> Result<Vec<Username>, Error>;
 
     /// Whether the store can take writes now (readiness).
     fn ready(&self) -> Result<(), Error>;
