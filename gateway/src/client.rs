@@ -230,3 +230,66 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+/// `juxta user add NAME`: creates the account or changes its password (read from stdin when
+/// `password` is `None`).
+pub async fn user_add(target: &Target, name: &str, password: Option<&str>) -> anyhow::Result<()> {
+    let password = match password {
+        Some(p) => p.to_owned(),
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "{}/api/v1/accounts/{}",
+            target.base(),
+            encode_node(name)
+        ))
+        .bearer_auth(target.token()?)
+        .json(&json!({ "password": password }))
+        .send()
+        .await
+        .context("cannot reach the gateway")?;
+    println!("{}", check(resp).await?);
+    Ok(())
+}
+
+/// `juxta user del NAME`.
+pub async fn user_del(target: &Target, name: &str) -> anyhow::Result<()> {
+    let resp = reqwest::Client::new()
+        .delete(format!(
+            "{}/api/v1/accounts/{}",
+            target.base(),
+            encode_node(name)
+        ))
+        .bearer_auth(target.token()?)
+        .send()
+        .await
+        .context("cannot reach the gateway")?;
+    let status = resp.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        check(resp).await.map(|_| ())
+    }
+}
+
+/// `juxta user list`: one username per line.
+pub async fn user_list(target: &Target) -> anyhow::Result<()> {
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/v1/accounts", target.base()))
+        .bearer_auth(target.token()?)
+        .send()
+        .await
+        .context("cannot reach the gateway")?;
+    let body = check(resp).await?;
+    for u in body["accounts"].as_array().into_iter().flatten() {
+        println!("{}", u.as_str().unwrap_or_default());
+    }
+    Ok(())
+}

@@ -97,6 +97,37 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Manage XMPP accounts (`username@<domain>`).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create an account or change its password.
+    Add {
+        /// The username.
+        name: String,
+        /// The password (default: one line read from stdin).
+        #[arg(long)]
+        password: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete an account.
+    Del {
+        /// The username.
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List usernames.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 /// mimalloc: the gateway allocates many small, short-lived buffers on many threads (frames,
@@ -188,5 +219,14 @@ fn main() -> anyhow::Result<()> {
             target,
         } => rt.block_on(client::subscribe(&target, &node, after)),
         Command::Nodes { target } => rt.block_on(client::nodes(&target)),
+        Command::User { cmd } => match cmd {
+            UserCmd::Add {
+                name,
+                password,
+                target,
+            } => rt.block_on(client::user_add(&target, &name, password.as_deref())),
+            UserCmd::Del { name, target } => rt.block_on(client::user_del(&target, &name)),
+            UserCmd::List { target } => rt.block_on(client::user_list(&target)),
+        },
     }
 }

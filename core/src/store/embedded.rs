@@ -84,7 +84,7 @@ enum Cmd {
         oneshot::Sender<Result<(NodeMeta, bool), Error>>,
     ),
     DeleteNode(NodeName, Origin, oneshot::Sender<Result<(), Error>>),
-    PutAccount(Account, oneshot::Sender<Result<bool, Error>>),
+    PutAccount(Box<Account>, oneshot::Sender<Result<bool, Error>>),
     DeleteAccount(Username, oneshot::Sender<Result<(), Error>>),
     Close(oneshot::Sender<()>),
 }
@@ -351,7 +351,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn put_account(&self, account: Account) -> Result<bool, Error> {
-        self.call(|r| Cmd::PutAccount(account, r)).await?
+        self.call(|r| Cmd::PutAccount(Box::new(account), r)).await?
     }
 
     async fn account(&self, username: &Username) -> Result<Option<Account>, Error> {

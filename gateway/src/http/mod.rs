@@ -6,6 +6,7 @@
 //! - [`problem`]: `application/problem+json` errors.
 //! - [`extract`]: authentication and request extractors that answer with problems.
 //! - `rest`: nodes, items, publish (single and batch), retract, purge, OpenAPI.
+//! - `accounts`: XMPP accounts (SCRAM credentials derived here, passwords never stored).
 //! - `ws`: the WebSocket protocol; `sse`: Server-Sent Events.
 //! - [`listener`]: the connection limit, taken before `accept`.
 
@@ -26,6 +27,7 @@ use crate::auth::Authenticator;
 use crate::config::HttpConfig;
 use crate::metrics::{HttpMetrics, RequestLabels};
 
+mod accounts;
 pub mod extract;
 pub mod listener;
 pub mod problem;
@@ -60,6 +62,7 @@ pub type AppState = Arc<Shared>;
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let api = rest::routes()
+        .merge(accounts::routes())
         .route("/ws", get(ws::upgrade))
         .route("/nodes/{node}/events", get(sse::events))
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes));

@@ -70,7 +70,9 @@ impl From<juxta_core::Error> for ApiError {
     fn from(e: juxta_core::Error) -> Self {
         use juxta_core::Error as E;
         let status = match &e {
-            E::NodeNotFound(_) | E::ItemNotFound(_) | E::AccountNotFound(_) => StatusCode::NOT_FOUND,
+            E::NodeNotFound(_) | E::ItemNotFound(_) | E::AccountNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             E::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             E::EpochMismatch { .. } | E::SlowConsumer => StatusCode::CONFLICT,
             E::Forbidden(_) => StatusCode::FORBIDDEN,

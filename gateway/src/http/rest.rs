@@ -452,10 +452,12 @@ impl Modify for Security {
         WebSocket: GET /api/v1/ws (subprotocol-free, JSON text frames; ops subscribe, unsubscribe, publish, ping). \
         SSE: GET /api/v1/nodes/{node}/events (Last-Event-ID `<epoch>:<offset>` or ?after= resumes)."),
     paths(list_nodes, put_node, get_node, delete_node, publish, publish_batch, list_items, get_item, retract, purge, openapi,
-        super::ws::upgrade, super::sse::events),
-    components(schemas(NodeView, NodeList, PublishedView, PublishBody, BatchBody, BatchItem, super::problem::Problem)),
+        super::ws::upgrade, super::sse::events,
+        super::accounts::put_account, super::accounts::delete_account, super::accounts::list_accounts),
+    components(schemas(NodeView, NodeList, PublishedView, PublishBody, BatchBody, BatchItem, super::problem::Problem,
+        super::accounts::PasswordBody, super::accounts::AccountView, super::accounts::AccountList)),
     modifiers(&Security),
-    tags((name = "nodes"), (name = "items"), (name = "streams"), (name = "meta"))
+    tags((name = "nodes"), (name = "items"), (name = "streams"), (name = "accounts"), (name = "meta"))
 )]
 #[derive(Debug)]
 pub struct ApiDoc;
