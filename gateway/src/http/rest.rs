@@ -139,7 +139,11 @@ pub(crate) struct ItemsQuery {
     epoch: Option<String>,
 }
 
-fn payload(raw: Option<Box<RawValue>>, xml: Option<String>) -> Result<Payload, ApiError> {
+/// The payload of a publish request, from its `payload` (JSON) or `xml` member.
+pub(super) fn payload(
+    raw: Option<Box<RawValue>>,
+    xml: Option<String>,
+) -> Result<Payload, ApiError> {
     match (raw, xml) {
         (Some(p), None) => {
             let text: Box<str> = p.into();

@@ -18,8 +18,7 @@ use futures_util::stream::Stream;
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use hyper_util::rt::TokioIo;
 use juxta_core::{
-    Delivery, Epoch, Error, ItemId, NodeName, Origin, Payload, Principal, Publish, Resume,
-    Subscription,
+    Delivery, Epoch, Error, ItemId, NodeName, Origin, Principal, Publish, Resume, Subscription,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -436,7 +435,7 @@ impl Session {
 
     /// Handles one client op; returns the reply to write, if any.
     async fn on_text(&mut self, t: &str) -> Option<Message> {
-        let msg: ClientMsg = match serde_json::from_str(t) {
+        let mut msg: ClientMsg = match serde_json::from_str(t) {
             Ok(m) => m,
             Err(e) => {
                 let code = match e.classify() {
@@ -447,11 +446,12 @@ impl Session {
                 return Some(error_msg(code, e, &None));
             }
         };
-        let r = &msg.reference;
+        let reference = msg.reference.take();
+        let r = &reference;
         let result = match msg.op.as_deref() {
             Some("subscribe") => self.subscribe(&msg).await,
             Some("unsubscribe") => self.unsubscribe(&msg),
-            Some("publish") => self.publish(&msg).await,
+            Some("publish") => self.publish(&mut msg).await,
             Some("ping") => Ok(json!({"type": "pong"})),
             Some(other) => Err(ApiError::bad_request(format!(
                 "unknown op {other:?}; use subscribe, unsubscribe, publish or ping"
@@ -524,17 +524,9 @@ impl Session {
         }
     }
 
-    async fn publish(&mut self, msg: &ClientMsg) -> Result<serde_json::Value, ApiError> {
+    async fn publish(&mut self, msg: &mut ClientMsg) -> Result<serde_json::Value, ApiError> {
         let node = Self::node(msg)?;
-        let payload = match (&msg.payload, &msg.xml) {
-            (Some(p), None) => Payload::json(Bytes::copy_from_slice(p.get().as_bytes()))?,
-            (None, Some(x)) => Payload::xml(Bytes::copy_from_slice(x.as_bytes()))?,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "publish needs exactly one of `payload` or `xml`",
-                ));
-            }
-        };
+        let payload = super::rest::payload(msg.payload.take(), msg.xml.take())?;
         let p = Publish {
             node,
             id: msg.id.as_deref().map(ItemId::new).transpose()?,
