@@ -622,6 +622,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn given_a_failed_commit_then_nothing_reaches_subscribers_and_offsets_stay_contiguous() {
+        let fanout = Arc::new(FanOut::new(64, Arc::new(Metrics::default())));
+        let faulty = Arc::new(crate::store::FaultyStore::new(Arc::new(MemoryStore::new(
+            fanout.clone(),
+        ))));
+        let bus = Bus::new(faulty.clone(), fanout, Limits::default());
+        let n = node(&bus, "n", 100, OverflowPolicy::CatchUp).await;
+        let mut sub = bus
+            .subscribe(&Principal::Admin, &n, Resume::default())
+            .await
+            .expect("subscribe");
+        publish(&bus, &n, 1).await;
+        faulty.fail_appends(1);
+        let p = Publish {
+            node: n.clone(),
+            id: None,
+            payload: Payload::json("2").expect("json"),
+            idempotency_key: None,
+        };
+        assert!(matches!(
+            bus.publish(&Principal::Admin, p, Origin::Http).await,
+            Err(Error::Storage(_))
+        ));
+        publish(&bus, &n, 1).await;
+        assert_eq!(offsets(&take(&mut sub, 2).await), vec![1, 2]);
+        assert!(
+            sub.try_next().is_none(),
+            "the failed publish was never delivered"
+        );
+    }
+
+    #[tokio::test]
+    async fn given_a_failing_history_read_then_a_resuming_subscriber_ends_with_the_error() {
+        let fanout = Arc::new(FanOut::new(64, Arc::new(Metrics::default())));
+        let faulty = Arc::new(crate::store::FaultyStore::new(Arc::new(MemoryStore::new(
+            fanout.clone(),
+        ))));
+        let bus = Bus::new(faulty.clone(), fanout, Limits::default());
+        let n = node(&bus, "n", 100, OverflowPolicy::CatchUp).await;
+        publish(&bus, &n, 3).await;
+        let resume = Resume {
+            after: Some(0),
+            epoch: None,
+        };
+        let mut sub = bus
+            .subscribe(&Principal::Admin, &n, resume)
+            .await
+            .expect("subscribe");
+        faulty.fail_reads(1);
+        assert!(matches!(sub.next().await, Some(Err(Error::Storage(_)))));
+        assert!(
+            sub.next().await.is_none(),
+            "the subscription is over, not silently skipping"
+        );
+    }
+
+    #[tokio::test]
     async fn given_no_subscribers_left_then_the_ring_is_released() {
         let bus = bus(64);
         let n = node(&bus, "n", 5, OverflowPolicy::CatchUp).await;

@@ -6,7 +6,8 @@
 //! committed, so "acknowledged" always means "stored, then delivered", never the other way.
 //!
 //! Backends: [`MemoryStore`] (tests, nothing kept), [`EmbeddedStore`] (a redb file, the
-//! default; fsync before acknowledgement, group commit). The log rules every backend shares
+//! default; fsync before acknowledgement, group commit), and [`FaultyStore`], a wrapper that
+//! fails on demand for tests. The log rules every backend shares
 //! live in the private `log` module.
 
 use std::fmt::Debug;
@@ -23,10 +24,12 @@ use crate::model::{
 
 mod codec;
 mod embedded;
+mod faulty;
 mod log;
 mod memory;
 
 pub use embedded::{EmbeddedConfig, EmbeddedStore};
+pub use faulty::FaultyStore;
 pub use memory::MemoryStore;
 
 /// How long an idempotency key is remembered by default.
