@@ -14,8 +14,15 @@
 //! - `writer`: serialization: [`Element::write_to`], [`stream_header`], [`stream_error`],
 //!   and [`SharedStanza`], which writes a notification once and addresses copies to many
 //!   recipients.
+//! - [`tls`]: the rustls server configuration for STARTTLS and direct TLS (XEP-0368), from
+//!   PEM files or a self-signed development certificate.
 //! - [`sasl`]: SCRAM-SHA-256, SCRAM-SHA-1 and PLAIN against stored credentials, no I/O.
 //! - `error`: [`StreamError`] and its RFC 6120 [`Condition`].
+//! - `jid`: [`Jid`], an RFC 7622 address (parsed, validated, ASCII-lowercased).
+//! - `stanza`: typed RFC 6120 §8 stanzas, [`Iq`], [`Message`], [`Presence`] (and
+//!   [`Stanza`], any of them), converted from an [`Element`] with `TryFrom` (failing with a
+//!   [`StanzaParseError`]) and back with `From`; and [`StanzaError`], the `<error/>` of a
+//!   stanza with its [`DefinedCondition`].
 //!
 //! Data moves: connection bytes → [`Decoder::feed`] → [`Decoder::next`] → [`Frame`] →
 //! (typed stanza, session logic) → [`Element`] → [`Element::write_to`] → connection bytes.
@@ -25,10 +32,13 @@
 mod codec;
 mod element;
 mod error;
+mod jid;
 pub mod ns;
 mod parse;
 pub mod sasl;
 mod scan;
+mod stanza;
+pub mod tls;
 mod writer;
 
 pub use codec::{
@@ -37,6 +47,11 @@ pub use codec::{
 };
 pub use element::{Attribute, Element, ElementBuilder, Node};
 pub use error::{Condition, StreamError};
+pub use jid::{Jid, JidError, JidPart, MAX_JID_PART_BYTES};
+pub use stanza::{
+    DefinedCondition, ErrorType, Iq, IqType, Message, MessageType, Presence, PresenceType, Show,
+    Stanza, StanzaError, StanzaParseError, UnknownValue,
+};
 pub use writer::{
     AddressedStanza, STREAM_END, SharedStanza, WriteContext, stream_error, stream_header,
 };
