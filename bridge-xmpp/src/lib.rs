@@ -1,6 +1,6 @@
 //! juxta's XMPP bridge. So far: the sans-IO XML stream codec that the c2s server, the
-//! external component (XEP-0114) and XMPP over WebSocket (RFC 7395) will share, and the
-//! server side of SASL.
+//! external component (XEP-0114) and XMPP over WebSocket (RFC 7395) will share, the
+//! server side of SASL and the client-to-server session negotiation.
 //!
 //! # Layout
 //!
@@ -23,12 +23,16 @@
 //!   [`Stanza`], any of them), converted from an [`Element`] with `TryFrom` (failing with a
 //!   [`StanzaParseError`]) and back with `From`; and [`StanzaError`], the `<error/>` of a
 //!   stanza with its [`DefinedCondition`].
+//! - [`c2s`]: the client-to-server [`c2s::Session`]: stream headers, STARTTLS, SASL and
+//!   resource binding as steps, then the stanzas of the bound client; bytes and lookups in,
+//!   [`c2s::Output`]s out.
 //!
 //! Data moves: connection bytes → [`Decoder::feed`] → [`Decoder::next`] → [`Frame`] →
 //! (typed stanza, session logic) → [`Element`] → [`Element::write_to`] → connection bytes.
 //! No module does I/O; a driver owns the socket and calls in.
 #![warn(missing_docs)]
 
+pub mod c2s;
 mod codec;
 mod element;
 mod error;
