@@ -353,6 +353,14 @@ impl Session {
         }
     }
 
+    /// Ends the stream because the client stayed silent too long: `connection-timeout`
+    /// (RFC 6120 §4.9.3.4), the stream end and [`Output::Close`].
+    pub fn timed_out(&mut self) {
+        if !self.is_closed() {
+            self.fail(Condition::ConnectionTimeout, None);
+        }
+    }
+
     /// Reads frames until more input is needed or the session waits for the driver.
     fn pump(&mut self) {
         while matches!(

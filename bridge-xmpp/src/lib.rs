@@ -14,6 +14,8 @@
 //! - `writer`: serialization: [`Element::write_to`], [`stream_header`], [`stream_error`],
 //!   and [`SharedStanza`], which writes a notification once and addresses copies to many
 //!   recipients.
+//! - [`server`]: the c2s listener, the thin tokio driver that runs a [`c2s::Session`] per
+//!   connection (STARTTLS, account lookups, per-IP limit, handshake and idle timeouts).
 //! - [`tls`]: the rustls server configuration for STARTTLS and direct TLS (XEP-0368), from
 //!   PEM files or a self-signed development certificate.
 //! - [`sasl`]: SCRAM-SHA-256, SCRAM-SHA-1 and PLAIN against stored credentials, no I/O.
@@ -41,6 +43,7 @@ pub mod ns;
 mod parse;
 pub mod sasl;
 mod scan;
+pub mod server;
 mod stanza;
 pub mod tls;
 mod writer;

@@ -32,6 +32,8 @@ pub struct Config {
     pub fanout: FanoutConfig,
     /// Authentication.
     pub auth: AuthConfig,
+    /// XMPP client connections.
+    pub xmpp: XmppConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -44,6 +46,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             fanout: FanoutConfig::default(),
             auth: AuthConfig::default(),
+            xmpp: XmppConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -156,6 +159,55 @@ pub struct AuthConfig {
     pub leeway_secs: u64,
 }
 
+/// Default XMPP client address.
+pub const DEFAULT_XMPP: &str = "127.0.0.1:5222";
+
+/// XMPP client connections (RFC 6120 c2s).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XmppConfig {
+    /// Whether to accept XMPP clients.
+    pub enabled: bool,
+    /// Address for client connections (STARTTLS).
+    pub listen: SocketAddr,
+    /// The XMPP domain: accounts are `user@<domain>`, the pubsub service `pubsub.<domain>`.
+    pub domain: String,
+    /// PEM certificate chain; with `tls_key`. Without them a self-signed certificate for the
+    /// domain is generated into the data directory (for development).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Whether clients must start TLS before authenticating.
+    pub tls_required: bool,
+    /// Connections allowed from one IP address at once.
+    pub max_connections_per_ip: usize,
+    /// Seconds a client has from connecting to a bound resource.
+    pub handshake_timeout_secs: u64,
+    /// Seconds a bound client may stay silent.
+    pub idle_timeout_secs: u64,
+    /// Largest stanza accepted, in bytes.
+    pub max_stanza_bytes: usize,
+}
+
+impl Default for XmppConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: DEFAULT_XMPP
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 5222))),
+            domain: "localhost".into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_required: true,
+            max_connections_per_ip: juxta_bridge_xmpp::server::DEFAULT_MAX_CONNECTIONS_PER_IP,
+            handshake_timeout_secs: juxta_bridge_xmpp::server::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
+            idle_timeout_secs: juxta_bridge_xmpp::server::DEFAULT_IDLE_TIMEOUT.as_secs(),
+            max_stanza_bytes: juxta_bridge_xmpp::DEFAULT_MAX_STANZA_BYTES,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -192,6 +244,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--http`.
     pub http: Option<SocketAddr>,
+    /// `--xmpp`.
+    pub xmpp: Option<SocketAddr>,
 }
 
 impl Config {
@@ -231,6 +285,9 @@ impl Config {
         if let Some(h) = overrides.http {
             cfg.http.listen = h;
         }
+        if let Some(x) = overrides.xmpp {
+            cfg.xmpp.listen = x;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -268,6 +325,32 @@ impl Config {
                 "auth.jwt_secret must be at least 32 characters"
             );
         }
+        let x = &self.xmpp;
+        anyhow::ensure!(
+            juxta_bridge_xmpp::Jid::domain_jid(&x.domain).is_ok(),
+            "xmpp.domain {:?} is not a valid XMPP domain",
+            x.domain
+        );
+        anyhow::ensure!(
+            x.tls_cert.is_some() == x.tls_key.is_some(),
+            "xmpp.tls_cert and xmpp.tls_key go together"
+        );
+        anyhow::ensure!(
+            x.max_connections_per_ip >= 1,
+            "xmpp.max_connections_per_ip must be at least 1"
+        );
+        anyhow::ensure!(
+            x.handshake_timeout_secs >= 1,
+            "xmpp.handshake_timeout_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            x.idle_timeout_secs >= 1,
+            "xmpp.idle_timeout_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            x.max_stanza_bytes >= 4096,
+            "xmpp.max_stanza_bytes must be at least 4096"
+        );
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| anyhow::anyhow!("log.level {:?}: {e}", self.log.level))?;
         Ok(())

@@ -40,6 +40,9 @@ enum Command {
         /// HTTP listen address.
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// XMPP client (c2s) listen address.
+        #[arg(long)]
+        xmpp: Option<SocketAddr>,
         /// Print the effective configuration (secrets redacted) and exit.
         #[arg(long)]
         print_config: bool,
@@ -155,11 +158,13 @@ fn main() -> anyhow::Result<()> {
         Command::Serve {
             cfg,
             http,
+            xmpp,
             print_config,
         } => {
             let overrides = Overrides {
                 data_dir: cfg.data_dir,
                 http,
+                xmpp,
             };
             let config = Config::load(cfg.config.as_deref(), &overrides)?;
             if print_config {
@@ -181,6 +186,7 @@ fn main() -> anyhow::Result<()> {
             let overrides = Overrides {
                 data_dir: cfg.data_dir,
                 http: None,
+                xmpp: None,
             };
             let config = Config::load(cfg.config.as_deref(), &overrides)?;
             let grants = Grants {

@@ -91,10 +91,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_nofile_limit();
     let shutdown = CancellationToken::new();
     let gw = Gateway::build(&cfg, shutdown.clone())?;
+    if cfg.xmpp.enabled {
+        let xmpp = xmpp_config(&cfg)?;
+        let tcp = bind(cfg.xmpp.listen)
+            .with_context(|| format!("binding XMPP to {}", cfg.xmpp.listen))?;
+        let addr = tcp.local_addr()?;
+        println!("listening xmpp://{addr}");
+        let _ = std::io::stdout().flush();
+        tracing::info!(%addr, domain = %cfg.xmpp.domain, "XMPP clients welcome");
+        tokio::spawn(juxta_bridge_xmpp::server::serve(
+            tcp,
+            xmpp,
+            gw.shared.bus.store().clone(),
+            shutdown.clone(),
+        ));
+    }
     let tcp =
         bind(cfg.http.listen).with_context(|| format!("binding HTTP to {}", cfg.http.listen))?;
     let addr = tcp.local_addr()?;
-    // Scripts and tests wait for this line.
+    // Scripts and tests wait for this line (printed after the XMPP one).
     println!("listening http://{addr}");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), backend = ?cfg.store.backend, "juxta is serving");
@@ -115,6 +130,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     gw.shared.bus.store().close().await;
     tracing::info!("juxta stopped");
     Ok(())
+}
+
+/// The c2s listener's settings, with TLS from the configured files or a self-signed
+/// development certificate in the data directory.
+fn xmpp_config(cfg: &Config) -> anyhow::Result<juxta_bridge_xmpp::server::ServerConfig> {
+    use juxta_bridge_xmpp::tls::{ALPN_XMPP_CLIENT, Identity};
+    let x = &cfg.xmpp;
+    let identity = match (&x.tls_cert, &x.tls_key) {
+        (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
+        _ => Identity::self_signed(&x.domain, &cfg.data_dir)?,
+    };
+    let limits = juxta_bridge_xmpp::Limits {
+        max_stanza_bytes: x.max_stanza_bytes,
+        ..Default::default()
+    };
+    Ok(juxta_bridge_xmpp::server::ServerConfig {
+        domain: x.domain.clone(),
+        tls: identity.server_config(&[ALPN_XMPP_CLIENT])?,
+        tls_required: x.tls_required,
+        max_connections_per_ip: x.max_connections_per_ip,
+        handshake_timeout: Duration::from_secs(x.handshake_timeout_secs),
+        idle_timeout: Duration::from_secs(x.idle_timeout_secs),
+        limits,
+    })
 }
 
 /// Accept backlog: a burst of thousands of subscribers connecting at once should queue in the

@@ -31,6 +31,8 @@ const OUTPUT_TAIL_BYTES: usize = 64 * 1024;
 
 /// The line prefix `juxta serve` prints once its HTTP listener is bound.
 const LISTENING_MARKER: &str = "listening http://";
+/// The line `juxta serve` prints, before the HTTP one, when it accepts XMPP clients.
+const XMPP_MARKER: &str = "listening xmpp://";
 
 /// The path of the `juxta` binary: `$JUXTA_BIN`, else next to the running executable's
 /// directory (`target/<profile>/juxta` seen from `target/<profile>/deps/…`), else in the same
@@ -168,6 +170,7 @@ pub struct Server {
     child: Child,
     pid: u32,
     addr: SocketAddr,
+    xmpp_addr: Option<SocketAddr>,
     admin_key: String,
     data_dir: PathBuf,
     binary: PathBuf,
@@ -207,6 +210,7 @@ impl Server {
             child: spawned.child,
             pid: spawned.pid,
             addr: spawned.addr,
+            xmpp_addr: spawned.xmpp_addr,
             admin_key,
             data_dir,
             binary,
@@ -225,6 +229,11 @@ impl Server {
     /// The HTTP listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The XMPP client listener's address (`--xmpp 127.0.0.1:0` is always passed).
+    pub fn xmpp_addr(&self) -> Option<SocketAddr> {
+        self.xmpp_addr
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -388,6 +397,7 @@ impl Server {
         self.child = spawned.child;
         self.pid = spawned.pid;
         self.addr = spawned.addr;
+        self.xmpp_addr = spawned.xmpp_addr;
         self.readers = spawned.readers;
         Ok(())
     }
@@ -423,6 +433,7 @@ struct Spawned {
     child: Child,
     pid: u32,
     addr: SocketAddr,
+    xmpp_addr: Option<SocketAddr>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -449,6 +460,8 @@ async fn spawn(
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--http")
+        .arg("127.0.0.1:0")
+        .arg("--xmpp")
         .arg("127.0.0.1:0")
         .args(&options.args)
         .env("JUXTA_ADMIN_KEY", admin_key)
@@ -485,7 +498,7 @@ async fn spawn(
     };
 
     enum Outcome {
-        Listening(SocketAddr),
+        Listening((SocketAddr, Option<SocketAddr>)),
         StdoutClosed,
         Exited(std::io::Result<ExitStatus>),
         TimedOut,
@@ -499,10 +512,11 @@ async fn spawn(
         () = tokio::time::sleep(STARTUP_TIMEOUT) => Outcome::TimedOut,
     };
     match outcome {
-        Outcome::Listening(addr) => Ok(Spawned {
+        Outcome::Listening((addr, xmpp_addr)) => Ok(Spawned {
             child,
             pid,
             addr,
+            xmpp_addr,
             readers,
         }),
         Outcome::StdoutClosed => {
@@ -541,10 +555,11 @@ async fn drain(
     pipe: impl AsyncRead + Unpin,
     prefix: &'static str,
     output: SharedTail,
-    mut listening: Option<oneshot::Sender<SocketAddr>>,
+    mut listening: Option<oneshot::Sender<(SocketAddr, Option<SocketAddr>)>>,
 ) {
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::new();
+    let mut xmpp = None;
     loop {
         buf.clear();
         match reader.read_until(b'\n', &mut buf).await {
@@ -552,10 +567,13 @@ async fn drain(
             Ok(_) => {}
         }
         let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+        if let Some(addr) = parse_marker(&line, XMPP_MARKER) {
+            xmpp = Some(addr);
+        }
         if let Some(addr) = parse_listening(&line)
             && let Some(tx) = listening.take()
         {
-            let _ = tx.send(addr);
+            let _ = tx.send((addr, xmpp));
         }
         push_line(&output, format!("{prefix}{line}"));
     }
@@ -563,7 +581,12 @@ async fn drain(
 
 /// `listening http://127.0.0.1:PORT` (possibly with a trailing `/` or more words) → the address.
 fn parse_listening(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(LISTENING_MARKER)? + LISTENING_MARKER.len()..];
+    parse_marker(line, LISTENING_MARKER)
+}
+
+/// The address after `marker` in `line`.
+fn parse_marker(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
     let addr = rest.split_whitespace().next()?.trim_end_matches('/');
     addr.parse().ok()
 }

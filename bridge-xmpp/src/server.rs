@@ -1,0 +1,281 @@
+//! The c2s listener: the thin tokio driver around [`c2s::Session`](crate::c2s::Session).
+//!
+//! One task per connection owns the socket (plain, then TLS after STARTTLS), feeds received
+//! bytes to the session, writes what it asks to write, looks accounts up in the store, and
+//! answers stanzas it cannot route yet. The per-IP connection limit is taken before the
+//! session starts; the handshake and idle timeouts end connections that stall; SIGTERM (the
+//! shared cancellation token) closes every stream with `<system-shutdown/>`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use juxta_core::Store;
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::c2s::{C2sConfig, Output, Session};
+use crate::stanza::{IqType, Stanza, StanzaError};
+use crate::{Element, Limits};
+
+/// Default connections allowed from one IP address at once.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
+/// Default time to finish authentication and binding.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a bound session may stay silent (clients ping to stay longer).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bytes read per socket read.
+const READ_CHUNK: usize = 4096;
+
+/// Settings of the c2s listener.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The domain served.
+    pub domain: String,
+    /// TLS for STARTTLS.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Whether TLS is required before authentication (RFC 6120 §5.3.1: it should be).
+    pub tls_required: bool,
+    /// Connections allowed per client IP.
+    pub max_connections_per_ip: usize,
+    /// Time allowed from connect to a bound resource.
+    pub handshake_timeout: Duration,
+    /// Time a bound session may send nothing.
+    pub idle_timeout: Duration,
+    /// Stanza size, depth and attribute limits.
+    pub limits: Limits,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("domain", &self.domain)
+            .field("tls_required", &self.tls_required)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts connections per IP; a guard releases its slot on drop.
+#[derive(Debug, Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+struct IpSlot {
+    ip: IpAddr,
+    table: Arc<PerIp>,
+}
+
+impl PerIp {
+    fn take(table: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let mut t = table.0.lock();
+        let n = t.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            ip,
+            table: table.clone(),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.0.lock();
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts c2s connections until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) {
+    let per_ip = Arc::new(PerIp::default());
+    let secret: [u8; 32] = rand::random();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "xmpp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = PerIp::take(&per_ip, peer.ip(), config.max_connections_per_ip) else {
+            tracing::info!(%peer, "xmpp: too many connections from this address; refused");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (config, store, shutdown) = (config.clone(), store.clone(), shutdown.child_token());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = connection(tcp, peer, config, store, shutdown, secret).await {
+                tracing::debug!(%peer, error = %e, "xmpp connection ended");
+            }
+        });
+    }
+}
+
+/// The socket, before and after STARTTLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only while the handshake has the socket.
+    Upgrading,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Upgrading => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Upgrading => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Upgrading => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Upgrading => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+fn random_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    secret: [u8; 32],
+) -> io::Result<()> {
+    let mut c2s = C2sConfig::new(config.domain.clone());
+    c2s.tls_required = config.tls_required;
+    c2s.limits = config.limits;
+    let mut session = Session::new(c2s, Box::new(random_token), secret)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let mut conn = Conn::Plain(tcp);
+    let mut buf = vec![0u8; READ_CHUNK];
+    let handshake_deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let mut bound = false;
+    loop {
+        // Do everything the session asked for before reading again.
+        while let Some(out) = session.poll_output() {
+            match out {
+                Output::Send(bytes) => {
+                    conn.write_all(&bytes).await?;
+                    conn.flush().await?;
+                }
+                Output::StartTls => {
+                    let Conn::Plain(tcp) = std::mem::replace(&mut conn, Conn::Upgrading) else {
+                        return Err(io::Error::other("STARTTLS on a stream that is not plain"));
+                    };
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config.tls.clone());
+                    let tls = tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp))
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                    conn = Conn::Tls(Box::new(tls));
+                    session.handle_tls_established();
+                }
+                Output::LookupCredentials(user) => {
+                    let account = match store.account(&user).await {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "xmpp: account lookup failed");
+                            None
+                        }
+                    };
+                    session.handle_credentials(account);
+                }
+                Output::Authenticated(user) => tracing::debug!(%peer, %user, "xmpp: authenticated"),
+                Output::Bound(jid) => {
+                    bound = true;
+                    tracing::debug!(%peer, %jid, "xmpp: bound");
+                }
+                Output::Stanza(stanza) => unroutable(&mut session, *stanza),
+                Output::Close => {
+                    let _ = conn.shutdown().await;
+                    return Ok(());
+                }
+            }
+        }
+        let deadline = if bound {
+            tokio::time::Instant::now() + config.idle_timeout
+        } else {
+            handshake_deadline
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => session.shutdown(),
+            r = tokio::time::timeout_at(deadline, conn.read(&mut buf)) => match r {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(n)) => session.handle_bytes(&buf[..n]),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    tracing::debug!(%peer, bound, "xmpp: connection timed out");
+                    session.timed_out();
+                }
+            },
+        }
+    }
+}
+
+/// Answers a stanza that nothing on this server handles yet: an iq request gets
+/// `service-unavailable` (RFC 6120 §8.4: never leave an iq unanswered); messages and
+/// presence to unknown addresses are dropped (§10.4.3, §10.5.3 allow silent discard).
+fn unroutable(session: &mut Session, stanza: Stanza) {
+    if let Stanza::Iq(iq) = stanza
+        && matches!(iq.kind, IqType::Get | IqType::Set)
+    {
+        let reply = iq.error_reply(StanzaError::service_unavailable());
+        let el: Element = reply.into();
+        session.send_stanza(&el);
+    }
+}

@@ -1,0 +1,189 @@
+//! XMPP clients over real sockets: STARTTLS with the certificate the gateway generated,
+//! SASL PLAIN against an account created over REST, resource binding and ping; refusals for
+//! a wrong password and for authenticating before TLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine as _;
+use juxta_tests::Server;
+use reqwest::Method;
+use rustls_pki_types::pem::PemObject as _;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const HEADER: &str = "<?xml version='1.0'?><stream:stream to='localhost' version='1.0' \
+     xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+
+/// Reads until `marker` has arrived (or fails after 10 s); returns everything read.
+async fn read_until(io: &mut (impl AsyncRead + Unpin), marker: &str) -> Result<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !String::from_utf8_lossy(&got).contains(marker) {
+            let n = io.read(&mut buf).await?;
+            if n == 0 {
+                bail!("connection closed; got {:?}", String::from_utf8_lossy(&got));
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "waiting for {marker:?}; got {:?}",
+            String::from_utf8_lossy(&got)
+        )
+    })??;
+    Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
+async fn send(io: &mut (impl AsyncWrite + Unpin), xml: &str) -> Result<()> {
+    io.write_all(xml.as_bytes()).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// Connects, runs STARTTLS trusting the gateway's self-signed certificate, and reads the
+/// features offered on the encrypted stream.
+async fn connect_tls(
+    server: &Server,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, String)> {
+    let addr = server
+        .xmpp_addr()
+        .context("the gateway printed no XMPP address")?;
+    let mut tcp = TcpStream::connect(addr).await?;
+    send(&mut tcp, HEADER).await?;
+    let features = read_until(&mut tcp, "</stream:features>").await?;
+    ensure!(
+        features.contains("urn:ietf:params:xml:ns:xmpp-tls"),
+        "STARTTLS offered: {features}"
+    );
+    send(
+        &mut tcp,
+        "<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>",
+    )
+    .await?;
+    read_until(&mut tcp, "<proceed").await?;
+
+    let cert_path = server.data_dir().join("xmpp-localhost.crt");
+    let cert = rustls_pki_types::CertificateDer::from_pem_file(&cert_path)
+        .with_context(|| format!("reading {}", cert_path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert)?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    send(&mut tls, HEADER).await?;
+    let features = read_until(&mut tls, "</stream:features>").await?;
+    Ok((tls, features))
+}
+
+fn plain(user: &str, password: &str) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{b64}</auth>")
+}
+
+#[tokio::test]
+async fn given_an_account_when_a_client_logs_in_over_starttls_then_it_binds_and_pings() -> Result<()>
+{
+    let server = Server::start_default().await?;
+    server
+        .api()
+        .call(
+            Method::PUT,
+            "/api/v1/accounts/alice",
+            Some(&json!({"password": "pencil"})),
+        )
+        .await?
+        .expect(201)?;
+    let (mut tls, features) = connect_tls(&server).await?;
+    for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"] {
+        ensure!(
+            features.contains(mechanism),
+            "{mechanism} offered over TLS: {features}"
+        );
+    }
+    send(&mut tls, &plain("alice", "pencil")).await?;
+    read_until(&mut tls, "<success").await?;
+    send(&mut tls, HEADER).await?;
+    let features = read_until(&mut tls, "</stream:features>").await?;
+    ensure!(
+        features.contains("urn:ietf:params:xml:ns:xmpp-bind"),
+        "bind offered: {features}"
+    );
+    send(
+        &mut tls,
+        "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>laptop</resource></bind></iq>",
+    )
+    .await?;
+    let bound = read_until(&mut tls, "</iq>").await?;
+    ensure!(
+        bound.contains("alice@localhost/laptop"),
+        "full JID: {bound}"
+    );
+    send(
+        &mut tls,
+        "<iq type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await?;
+    // The answer is an empty `<iq type='result' id='p1' …>`: read to the end of its tag.
+    let pong = read_until(&mut tls, "p1").await?;
+    let tail = pong.rsplit("p1").next().unwrap_or_default();
+    let pong = if tail.contains('>') {
+        pong
+    } else {
+        pong + &read_until(&mut tls, ">").await?
+    };
+    ensure!(
+        pong.contains("result") && !pong.contains("error"),
+        "ping result: {pong}"
+    );
+    send(&mut tls, "</stream:stream>").await?;
+    read_until(&mut tls, "</stream:stream>").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn given_a_wrong_password_or_no_tls_then_authentication_is_refused() -> Result<()> {
+    let server = Server::start_default().await?;
+    server
+        .api()
+        .call(
+            Method::PUT,
+            "/api/v1/accounts/bob",
+            Some(&json!({"password": "right"})),
+        )
+        .await?
+        .expect(201)?;
+    let (mut tls, _) = connect_tls(&server).await?;
+    send(&mut tls, &plain("bob", "wrong")).await?;
+    let failure = read_until(&mut tls, "</failure>").await?;
+    ensure!(failure.contains("not-authorized"), "{failure}");
+
+    // Before TLS, PLAIN is not even offered and authenticating is a policy violation.
+    let addr = server.xmpp_addr().context("no XMPP address")?;
+    let mut tcp = TcpStream::connect(addr).await?;
+    send(&mut tcp, HEADER).await?;
+    let features = read_until(&mut tcp, "</stream:features>").await?;
+    ensure!(
+        !features.contains("PLAIN"),
+        "no PLAIN before TLS: {features}"
+    );
+    send(&mut tcp, &plain("bob", "right")).await?;
+    let error = read_until(&mut tcp, "</stream:stream>").await?;
+    ensure!(error.contains("policy-violation"), "{error}");
+    // The gateway is still serving.
+    ensure!(server.api().healthy().await?, "still healthy");
+    Ok(())
+}
