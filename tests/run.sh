@@ -21,6 +21,21 @@ if command -v rustup >/dev/null; then
   done
 fi
 
+# Interop peers we did not write: slixmpp (an XMPP client library) in a virtualenv.
+if [ "${CI:-}" = "true" ]; then
+  venv="${JUXTA_INTEROP_VENV:-/var/tmp/juxta-ci-venv}"
+else
+  venv="${JUXTA_INTEROP_VENV:-${CARGO_TARGET_DIR:-target}/interop-venv}"
+fi
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
+if ! "$venv/bin/python" -c "import slixmpp" 2>/dev/null; then
+  log "installing interop peers into $venv"
+  command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
+  python3 -m venv "$venv" || { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$venv"; }
+  "$venv/bin/pip" install -q --disable-pip-version-check "slixmpp==1.17.0"
+fi
+export JUXTA_INTEROP_PYTHON="$venv/bin/python"
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -1,6 +1,7 @@
 //! XMPP clients over real sockets: STARTTLS with the certificate the gateway generated,
 //! SASL PLAIN against an account created over REST, resource binding and ping; refusals for
-//! a wrong password and for authenticating before TLS.
+//! a wrong password and for authenticating before TLS; and slixmpp, an XMPP client library we
+//! did not write, logging in with SCRAM.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,5 +186,84 @@ async fn given_a_wrong_password_or_no_tls_then_authentication_is_refused() -> Re
     ensure!(error.contains("policy-violation"), "{error}");
     // The gateway is still serving.
     ensure!(server.api().healthy().await?, "still healthy");
+    Ok(())
+}
+
+/// The Python that has slixmpp: `$JUXTA_INTEROP_PYTHON` (set by `tests/run.sh`, which installs
+/// it), else `python3` if it can import slixmpp.
+fn interop_python() -> Result<String> {
+    let candidate = std::env::var("JUXTA_INTEROP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&candidate)
+        .args(["-c", "import slixmpp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    ensure!(
+        ok,
+        "{candidate} cannot import slixmpp: run `bash tests/run.sh` (it installs it), or set \
+         JUXTA_INTEROP_PYTHON to a Python that has slixmpp"
+    );
+    Ok(candidate)
+}
+
+#[tokio::test]
+async fn slixmpp_logs_in_with_scram_over_starttls_and_gets_ping_and_disco_answers() -> Result<()> {
+    let python = interop_python()?;
+    let server = Server::start_default().await?;
+    server
+        .api()
+        .call(
+            Method::PUT,
+            "/api/v1/accounts/carol",
+            Some(&json!({"password": "p4ss word"})),
+        )
+        .await?
+        .expect(201)?;
+    let addr = server.xmpp_addr().context("no XMPP address")?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/slixmpp_login.py");
+    let ca = server.data_dir().join("xmpp-localhost.crt");
+    let run = |password: &str| {
+        let mut cmd = tokio::process::Command::new(&python);
+        cmd.arg(script)
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .arg("carol@localhost")
+            .arg(password)
+            .arg(&ca)
+            .kill_on_drop(true);
+        async move {
+            let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+                .await
+                .context("slixmpp did not finish in 60 s")??;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let report: serde_json::Value =
+                serde_json::from_str(stdout.trim()).with_context(|| {
+                    format!(
+                        "slixmpp printed no report: {stdout} {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                })?;
+            anyhow::Ok((out.status.success(), report))
+        }
+    };
+    let (ok, report) = run("p4ss word").await?;
+    ensure!(ok, "slixmpp failed: {report}");
+    ensure!(report["mechanism"] == "SCRAM-SHA-256", "{report}");
+    ensure!(
+        report["jid"]
+            .as_str()
+            .is_some_and(|j| j.starts_with("carol@localhost/")),
+        "{report}"
+    );
+    ensure!(report["ping"] == true, "{report}");
+    let features = report["features"].to_string();
+    ensure!(
+        features.contains("urn:xmpp:ping") && features.contains("disco#info"),
+        "{report}"
+    );
+    let (ok, report) = run("wrong").await?;
+    ensure!(
+        !ok && report["connected"] == false,
+        "a wrong password must not log in: {report}"
+    );
     Ok(())
 }
