@@ -99,9 +99,19 @@ impl Drop for IpSlot {
     }
 }
 
+/// How clients start TLS on a listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain TCP; the client negotiates STARTTLS (RFC 6120 §5).
+    StartTls,
+    /// TLS from the first byte (XEP-0368), ALPN `xmpp-client`.
+    DirectTls,
+}
+
 /// Accepts c2s connections until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
+    transport: Transport,
     config: ServerConfig,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
@@ -128,7 +138,8 @@ pub async fn serve(
         let (config, store, shutdown) = (config.clone(), store.clone(), shutdown.child_token());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = connection(tcp, peer, config, store, shutdown, secret).await {
+            if let Err(e) = connection(tcp, peer, transport, config, store, shutdown, secret).await
+            {
                 tracing::debug!(%peer, error = %e, "xmpp connection ended");
             }
         });
@@ -192,19 +203,30 @@ fn random_token() -> String {
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
+    transport: Transport,
     config: ServerConfig,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     secret: [u8; 32],
 ) -> io::Result<()> {
+    let handshake_deadline = tokio::time::Instant::now() + config.handshake_timeout;
     let mut c2s = C2sConfig::new(config.domain.clone());
     c2s.tls_required = config.tls_required;
     c2s.limits = config.limits;
+    let mut conn = match transport {
+        Transport::StartTls => Conn::Plain(tcp),
+        Transport::DirectTls => {
+            c2s.already_tls = true;
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.tls.clone());
+            let tls = tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            Conn::Tls(Box::new(tls))
+        }
+    };
     let mut session = Session::new(c2s, Box::new(random_token), secret)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let mut conn = Conn::Plain(tcp);
     let mut buf = vec![0u8; READ_CHUNK];
-    let handshake_deadline = tokio::time::Instant::now() + config.handshake_timeout;
     let mut bound = false;
     loop {
         // Do everything the session asked for before reading again.

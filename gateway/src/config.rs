@@ -170,6 +170,8 @@ pub struct XmppConfig {
     pub enabled: bool,
     /// Address for client connections (STARTTLS).
     pub listen: SocketAddr,
+    /// Address for direct-TLS client connections (XEP-0368), if any; 5223 is customary.
+    pub direct_tls_listen: Option<SocketAddr>,
     /// The XMPP domain: accounts are `user@<domain>`, the pubsub service `pubsub.<domain>`.
     pub domain: String,
     /// PEM certificate chain; with `tls_key`. Without them a self-signed certificate for the
@@ -196,6 +198,7 @@ impl Default for XmppConfig {
             listen: DEFAULT_XMPP
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 5222))),
+            direct_tls_listen: None,
             domain: "localhost".into(),
             tls_cert: None,
             tls_key: None,

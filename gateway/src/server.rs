@@ -10,6 +10,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
+use juxta_bridge_xmpp::server::Transport;
+
 use crate::auth::Authenticator;
 use crate::config::{Backend, Config};
 use crate::http::{self, LimitedListener, Shared};
@@ -99,8 +101,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         println!("listening xmpp://{addr}");
         let _ = std::io::stdout().flush();
         tracing::info!(%addr, domain = %cfg.xmpp.domain, "XMPP clients welcome");
+        if let Some(direct) = cfg.xmpp.direct_tls_listen {
+            let tls_tcp =
+                bind(direct).with_context(|| format!("binding direct-TLS XMPP to {direct}"))?;
+            let tls_addr = tls_tcp.local_addr()?;
+            println!("listening xmpps://{tls_addr}");
+            tokio::spawn(juxta_bridge_xmpp::server::serve(
+                tls_tcp,
+                Transport::DirectTls,
+                xmpp.clone(),
+                gw.shared.bus.store().clone(),
+                shutdown.clone(),
+            ));
+        }
         tokio::spawn(juxta_bridge_xmpp::server::serve(
             tcp,
+            Transport::StartTls,
             xmpp,
             gw.shared.bus.store().clone(),
             shutdown.clone(),

@@ -33,6 +33,8 @@ const OUTPUT_TAIL_BYTES: usize = 64 * 1024;
 const LISTENING_MARKER: &str = "listening http://";
 /// The line `juxta serve` prints, before the HTTP one, when it accepts XMPP clients.
 const XMPP_MARKER: &str = "listening xmpp://";
+/// The line it prints when it also accepts direct-TLS XMPP clients (XEP-0368).
+const XMPPS_MARKER: &str = "listening xmpps://";
 
 /// The path of the `juxta` binary: `$JUXTA_BIN`, else next to the running executable's
 /// directory (`target/<profile>/juxta` seen from `target/<profile>/deps/…`), else in the same
@@ -171,6 +173,7 @@ pub struct Server {
     pid: u32,
     addr: SocketAddr,
     xmpp_addr: Option<SocketAddr>,
+    xmpps_addr: Option<SocketAddr>,
     admin_key: String,
     data_dir: PathBuf,
     binary: PathBuf,
@@ -211,6 +214,7 @@ impl Server {
             pid: spawned.pid,
             addr: spawned.addr,
             xmpp_addr: spawned.xmpp_addr,
+            xmpps_addr: spawned.xmpps_addr,
             admin_key,
             data_dir,
             binary,
@@ -234,6 +238,12 @@ impl Server {
     /// The XMPP client listener's address (`--xmpp 127.0.0.1:0` is always passed).
     pub fn xmpp_addr(&self) -> Option<SocketAddr> {
         self.xmpp_addr
+    }
+
+    /// The direct-TLS XMPP listener's address, when the server was started with
+    /// `JUXTA_XMPP__DIRECT_TLS_LISTEN`.
+    pub fn xmpps_addr(&self) -> Option<SocketAddr> {
+        self.xmpps_addr
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -398,6 +408,7 @@ impl Server {
         self.pid = spawned.pid;
         self.addr = spawned.addr;
         self.xmpp_addr = spawned.xmpp_addr;
+        self.xmpps_addr = spawned.xmpps_addr;
         self.readers = spawned.readers;
         Ok(())
     }
@@ -429,11 +440,19 @@ impl Drop for Server {
     }
 }
 
+/// The addresses a started server printed.
+struct Addrs {
+    http: SocketAddr,
+    xmpp: Option<SocketAddr>,
+    xmpps: Option<SocketAddr>,
+}
+
 struct Spawned {
     child: Child,
     pid: u32,
     addr: SocketAddr,
     xmpp_addr: Option<SocketAddr>,
+    xmpps_addr: Option<SocketAddr>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -498,7 +517,7 @@ async fn spawn(
     };
 
     enum Outcome {
-        Listening((SocketAddr, Option<SocketAddr>)),
+        Listening(Addrs),
         StdoutClosed,
         Exited(std::io::Result<ExitStatus>),
         TimedOut,
@@ -512,11 +531,12 @@ async fn spawn(
         () = tokio::time::sleep(STARTUP_TIMEOUT) => Outcome::TimedOut,
     };
     match outcome {
-        Outcome::Listening((addr, xmpp_addr)) => Ok(Spawned {
+        Outcome::Listening(Addrs { http, xmpp, xmpps }) => Ok(Spawned {
             child,
             pid,
-            addr,
-            xmpp_addr,
+            addr: http,
+            xmpp_addr: xmpp,
+            xmpps_addr: xmpps,
             readers,
         }),
         Outcome::StdoutClosed => {
@@ -555,11 +575,11 @@ async fn drain(
     pipe: impl AsyncRead + Unpin,
     prefix: &'static str,
     output: SharedTail,
-    mut listening: Option<oneshot::Sender<(SocketAddr, Option<SocketAddr>)>>,
+    mut listening: Option<oneshot::Sender<Addrs>>,
 ) {
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::new();
-    let mut xmpp = None;
+    let (mut xmpp, mut xmpps) = (None, None);
     loop {
         buf.clear();
         match reader.read_until(b'\n', &mut buf).await {
@@ -570,10 +590,13 @@ async fn drain(
         if let Some(addr) = parse_marker(&line, XMPP_MARKER) {
             xmpp = Some(addr);
         }
-        if let Some(addr) = parse_listening(&line)
+        if let Some(addr) = parse_marker(&line, XMPPS_MARKER) {
+            xmpps = Some(addr);
+        }
+        if let Some(http) = parse_listening(&line)
             && let Some(tx) = listening.take()
         {
-            let _ = tx.send((addr, xmpp));
+            let _ = tx.send(Addrs { http, xmpp, xmpps });
         }
         push_line(&output, format!("{prefix}{line}"));
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine as _;
-use juxta_tests::Server;
+use juxta_tests::{Server, ServerOptions};
 use reqwest::Method;
 use rustls_pki_types::pem::PemObject as _;
 use serde_json::json;
@@ -186,6 +186,56 @@ async fn given_a_wrong_password_or_no_tls_then_authentication_is_refused() -> Re
     ensure!(error.contains("policy-violation"), "{error}");
     // The gateway is still serving.
     ensure!(server.api().healthy().await?, "still healthy");
+    Ok(())
+}
+
+#[tokio::test]
+async fn given_direct_tls_when_a_client_connects_then_plain_is_offered_at_once_and_works()
+-> Result<()> {
+    let server =
+        Server::start(ServerOptions::new().env("JUXTA_XMPP__DIRECT_TLS_LISTEN", "127.0.0.1:0"))
+            .await?;
+    server
+        .api()
+        .call(
+            Method::PUT,
+            "/api/v1/accounts/dora",
+            Some(&json!({"password": "pw"})),
+        )
+        .await?
+        .expect(201)?;
+    let addr = server
+        .xmpps_addr()
+        .context("the gateway printed no direct-TLS address")?;
+    let cert = rustls_pki_types::CertificateDer::from_pem_file(
+        server.data_dir().join("xmpp-localhost.crt"),
+    )?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"xmpp-client".to_vec()];
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let tcp = TcpStream::connect(addr).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    ensure!(
+        tls.get_ref().1.alpn_protocol() == Some(&b"xmpp-client"[..]),
+        "ALPN xmpp-client agreed"
+    );
+    send(&mut tls, HEADER).await?;
+    let features = read_until(&mut tls, "</stream:features>").await?;
+    ensure!(
+        !features.contains("xmpp-tls") && features.contains("PLAIN"),
+        "{features}"
+    );
+    send(&mut tls, &plain("dora", "pw")).await?;
+    read_until(&mut tls, "<success").await?;
     Ok(())
 }
 
