@@ -353,6 +353,11 @@ impl Session {
         }
     }
 
+    /// How many SASL attempts have failed on this stream so far.
+    pub fn auth_failures(&self) -> u32 {
+        self.failures
+    }
+
     /// Ends the stream because the client stayed silent too long: `connection-timeout`
     /// (RFC 6120 §4.9.3.4), the stream end and [`Output::Close`].
     pub fn timed_out(&mut self) {

@@ -14,6 +14,7 @@
 //! - `writer`: serialization: [`Element::write_to`], [`stream_header`], [`stream_error`],
 //!   and [`SharedStanza`], which writes a notification once and addresses copies to many
 //!   recipients.
+//! - [`metrics`]: sessions, auth failures, stanzas and bytes, for the gateway's registry.
 //! - [`server`]: the c2s listener, the thin tokio driver that runs a [`c2s::Session`] per
 //!   connection (STARTTLS, account lookups, per-IP limit, handshake and idle timeouts).
 //! - [`tls`]: the rustls server configuration for STARTTLS and direct TLS (XEP-0368), from
@@ -39,6 +40,7 @@ mod codec;
 mod element;
 mod error;
 mod jid;
+pub mod metrics;
 pub mod ns;
 mod parse;
 pub mod sasl;

@@ -22,6 +22,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::c2s::{C2sConfig, Output, Session};
+use crate::metrics::{KindLabels, Metrics};
 use crate::stanza::{IqType, Stanza, StanzaError};
 use crate::{Element, Limits};
 
@@ -51,6 +52,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Stanza size, depth and attribute limits.
     pub limits: Limits,
+    /// Where to count.
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -131,6 +134,7 @@ pub async fn serve(
             },
         };
         let Some(slot) = PerIp::take(&per_ip, peer.ip(), config.max_connections_per_ip) else {
+            config.metrics.refused.inc();
             tracing::info!(%peer, "xmpp: too many connections from this address; refused");
             continue;
         };
@@ -233,6 +237,7 @@ async fn connection(
         while let Some(out) = session.poll_output() {
             match out {
                 Output::Send(bytes) => {
+                    config.metrics.bytes_out.inc_by(bytes.len() as u64);
                     conn.write_all(&bytes).await?;
                     conn.flush().await?;
                 }
@@ -255,14 +260,32 @@ async fn connection(
                             None
                         }
                     };
+                    let failures = session.auth_failures();
                     session.handle_credentials(account);
+                    config
+                        .metrics
+                        .auth_failures
+                        .inc_by(u64::from(session.auth_failures() - failures));
                 }
                 Output::Authenticated(user) => tracing::debug!(%peer, %user, "xmpp: authenticated"),
                 Output::Bound(jid) => {
                     bound = true;
+                    config.metrics.bound.inc();
                     tracing::debug!(%peer, %jid, "xmpp: bound");
                 }
-                Output::Stanza(stanza) => unroutable(&mut session, *stanza),
+                Output::Stanza(stanza) => {
+                    let kind = match *stanza {
+                        Stanza::Iq(_) => "iq",
+                        Stanza::Message(_) => "message",
+                        Stanza::Presence(_) => "presence",
+                    };
+                    config
+                        .metrics
+                        .stanzas_in
+                        .get_or_create(&KindLabels { kind })
+                        .inc();
+                    unroutable(&mut session, *stanza);
+                }
                 Output::Close => {
                     let _ = conn.shutdown().await;
                     return Ok(());
@@ -278,7 +301,12 @@ async fn connection(
             _ = shutdown.cancelled() => session.shutdown(),
             r = tokio::time::timeout_at(deadline, conn.read(&mut buf)) => match r {
                 Ok(Ok(0)) => return Ok(()),
-                Ok(Ok(n)) => session.handle_bytes(&buf[..n]),
+                Ok(Ok(n)) => {
+                    config.metrics.bytes_in.inc_by(n as u64);
+                    let failures = session.auth_failures();
+                    session.handle_bytes(&buf[..n]);
+                    config.metrics.auth_failures.inc_by(u64::from(session.auth_failures() - failures));
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     tracing::debug!(%peer, bound, "xmpp: connection timed out");

@@ -43,6 +43,8 @@ pub fn raise_nofile_limit() {
 pub struct Gateway {
     /// What the HTTP handlers share.
     pub shared: Arc<Shared>,
+    /// The XMPP listener's metric handles, in the same registry.
+    pub xmpp_metrics: Arc<juxta_bridge_xmpp::metrics::Metrics>,
 }
 
 impl Gateway {
@@ -53,6 +55,7 @@ impl Gateway {
         let mut registry = Registry::default();
         let core_metrics = Arc::new(Metrics::register(&mut registry));
         let http_metrics = Arc::new(HttpMetrics::register(&mut registry));
+        let xmpp_metrics = Arc::new(juxta_bridge_xmpp::metrics::Metrics::register(&mut registry));
         let fanout = Arc::new(FanOut::new(cfg.fanout.queue_capacity, core_metrics.clone()));
         let store: Arc<dyn Store> = match cfg.store.backend {
             Backend::Embedded => {
@@ -76,6 +79,7 @@ impl Gateway {
         );
         let auth = Authenticator::from_config(cfg)?;
         Ok(Self {
+            xmpp_metrics,
             shared: Arc::new(Shared {
                 bus,
                 auth,
@@ -94,7 +98,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let gw = Gateway::build(&cfg, shutdown.clone())?;
     if cfg.xmpp.enabled {
-        let xmpp = xmpp_config(&cfg)?;
+        let xmpp = xmpp_config(&cfg, gw.xmpp_metrics.clone())?;
         let tcp = bind(cfg.xmpp.listen)
             .with_context(|| format!("binding XMPP to {}", cfg.xmpp.listen))?;
         let addr = tcp.local_addr()?;
@@ -150,7 +154,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 /// The c2s listener's settings, with TLS from the configured files or a self-signed
 /// development certificate in the data directory.
-fn xmpp_config(cfg: &Config) -> anyhow::Result<juxta_bridge_xmpp::server::ServerConfig> {
+fn xmpp_config(
+    cfg: &Config,
+    metrics: Arc<juxta_bridge_xmpp::metrics::Metrics>,
+) -> anyhow::Result<juxta_bridge_xmpp::server::ServerConfig> {
     use juxta_bridge_xmpp::tls::{ALPN_XMPP_CLIENT, Identity};
     let x = &cfg.xmpp;
     let identity = match (&x.tls_cert, &x.tls_key) {
@@ -169,6 +176,7 @@ fn xmpp_config(cfg: &Config) -> anyhow::Result<juxta_bridge_xmpp::server::Server
         handshake_timeout: Duration::from_secs(x.handshake_timeout_secs),
         idle_timeout: Duration::from_secs(x.idle_timeout_secs),
         limits,
+        metrics,
     })
 }
 

@@ -171,6 +171,18 @@ async fn given_a_wrong_password_or_no_tls_then_authentication_is_refused() -> Re
     send(&mut tls, &plain("bob", "wrong")).await?;
     let failure = read_until(&mut tls, "</failure>").await?;
     ensure!(failure.contains("not-authorized"), "{failure}");
+    let metrics = reqwest::get(format!("{}/metrics", server.base_url()))
+        .await?
+        .text()
+        .await?;
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("juxta_xmpp_auth_failures_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    ensure!(
+        counted == Some(1.0),
+        "one auth failure counted: {counted:?}"
+    );
 
     // Before TLS, PLAIN is not even offered and authenticating is a policy violation.
     let addr = server.xmpp_addr().context("no XMPP address")?;
