@@ -52,6 +52,10 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Stanza size, depth and attribute limits.
     pub limits: Limits,
+    /// Bytes per second one client may send after the first second's burst; reading slows
+    /// down beyond it (backpressure, as Prosody's `mod_limits` does), so a flooding client
+    /// cannot take more than its share of the server. 0 turns the limit off.
+    pub max_bytes_per_sec: u64,
     /// Where to count.
     pub metrics: Arc<Metrics>,
 }
@@ -63,6 +67,42 @@ impl std::fmt::Debug for ServerConfig {
             .field("tls_required", &self.tls_required)
             .field("max_connections_per_ip", &self.max_connections_per_ip)
             .finish_non_exhaustive()
+    }
+}
+
+/// Default for [`ServerConfig::max_bytes_per_sec`].
+pub const DEFAULT_MAX_BYTES_PER_SEC: u64 = 256 * 1024;
+
+/// A token bucket over bytes read: `rate` per second, holding at most one second's worth.
+#[derive(Debug)]
+struct ReadBudget {
+    rate: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl ReadBudget {
+    fn new(rate: u64, now: tokio::time::Instant) -> Self {
+        Self {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: now,
+        }
+    }
+
+    /// Spends `n` bytes at `now`; returns how long to wait before reading again.
+    fn spend(&mut self, n: usize, now: tokio::time::Instant) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate) - n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
     }
 }
 
@@ -231,6 +271,7 @@ async fn connection(
     let mut session = Session::new(c2s, Box::new(random_token), secret)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut budget = ReadBudget::new(config.max_bytes_per_sec, tokio::time::Instant::now());
     let mut bound = false;
     loop {
         // Do everything the session asked for before reading again.
@@ -303,6 +344,10 @@ async fn connection(
                 Ok(Ok(0)) => return Ok(()),
                 Ok(Ok(n)) => {
                     config.metrics.bytes_in.inc_by(n as u64);
+                    let wait = budget.spend(n, tokio::time::Instant::now());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
                     let failures = session.auth_failures();
                     session.handle_bytes(&buf[..n]);
                     config.metrics.auth_failures.inc_by(u64::from(session.auth_failures() - failures));
@@ -327,5 +372,50 @@ fn unroutable(session: &mut Session, stanza: Stanza) {
         let reply = iq.error_reply(StanzaError::service_unavailable());
         let el: Element = reply.into();
         session.send_stanza(&el);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_within_its_rate_never_waits_and_a_flood_waits_in_proportion() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = ReadBudget::new(1000, t0);
+        assert_eq!(
+            b.spend(1000, t0),
+            Duration::ZERO,
+            "the first second's burst is free"
+        );
+        assert_eq!(
+            b.spend(500, t0 + Duration::from_millis(500)),
+            Duration::ZERO,
+            "refilled at the rate"
+        );
+        let wait = b.spend(2000, t0 + Duration::from_millis(500));
+        assert_eq!(
+            wait,
+            Duration::from_secs(2),
+            "2000 bytes over budget at 1000/s"
+        );
+        let mut off = ReadBudget::new(0, t0);
+        assert_eq!(
+            off.spend(1 << 30, t0),
+            Duration::ZERO,
+            "0 turns the limit off"
+        );
+    }
+
+    #[test]
+    fn the_per_ip_limit_releases_slots_when_connections_end() {
+        let table = Arc::new(PerIp::default());
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let a = PerIp::take(&table, ip, 2);
+        let b = PerIp::take(&table, ip, 2);
+        assert!(a.is_some() && b.is_some());
+        assert!(PerIp::take(&table, ip, 2).is_none(), "the third is refused");
+        drop(a);
+        assert!(PerIp::take(&table, ip, 2).is_some(), "a slot came back");
     }
 }

@@ -189,6 +189,9 @@ pub struct XmppConfig {
     pub idle_timeout_secs: u64,
     /// Largest stanza accepted, in bytes.
     pub max_stanza_bytes: usize,
+    /// Bytes per second one client may send beyond a one-second burst; reading from it
+    /// slows down past that. 0 turns the limit off.
+    pub max_bytes_per_sec: u64,
 }
 
 impl Default for XmppConfig {
@@ -207,6 +210,7 @@ impl Default for XmppConfig {
             handshake_timeout_secs: juxta_bridge_xmpp::server::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
             idle_timeout_secs: juxta_bridge_xmpp::server::DEFAULT_IDLE_TIMEOUT.as_secs(),
             max_stanza_bytes: juxta_bridge_xmpp::DEFAULT_MAX_STANZA_BYTES,
+            max_bytes_per_sec: juxta_bridge_xmpp::server::DEFAULT_MAX_BYTES_PER_SEC,
         }
     }
 }

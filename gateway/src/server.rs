@@ -176,6 +176,7 @@ fn xmpp_config(
         handshake_timeout: Duration::from_secs(x.handshake_timeout_secs),
         idle_timeout: Duration::from_secs(x.idle_timeout_secs),
         limits,
+        max_bytes_per_sec: x.max_bytes_per_sec,
         metrics,
     })
 }
