@@ -70,17 +70,7 @@ async fn connect_tls(
     .await?;
     read_until(&mut tcp, "<proceed").await?;
 
-    let cert_path = server.data_dir().join("xmpp-localhost.crt");
-    let cert = rustls_pki_types::CertificateDer::from_pem_file(&cert_path)
-        .with_context(|| format!("reading {}", cert_path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert)?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = client_tls(server, None)?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
@@ -88,6 +78,23 @@ async fn connect_tls(
     send(&mut tls, HEADER).await?;
     let features = read_until(&mut tls, "</stream:features>").await?;
     Ok((tls, features))
+}
+
+/// A TLS client configuration that trusts the certificate the gateway generated into its
+/// data dir, offering `alpn` if given.
+fn client_tls(server: &Server, alpn: Option<&[u8]>) -> Result<rustls::ClientConfig> {
+    let cert_path = server.data_dir().join("xmpp-localhost.crt");
+    let cert = rustls_pki_types::CertificateDer::from_pem_file(&cert_path)
+        .with_context(|| format!("reading {}", cert_path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
+    Ok(config)
 }
 
 fn plain(user: &str, password: &str) -> String {
@@ -219,18 +226,7 @@ async fn given_direct_tls_when_a_client_connects_then_plain_is_offered_at_once_a
     let addr = server
         .xmpps_addr()
         .context("the gateway printed no direct-TLS address")?;
-    let cert = rustls_pki_types::CertificateDer::from_pem_file(
-        server.data_dir().join("xmpp-localhost.crt"),
-    )?;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert)?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"xmpp-client".to_vec()];
+    let config = client_tls(&server, Some(b"xmpp-client"))?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
     let tcp = TcpStream::connect(addr).await?;
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
