@@ -325,3 +325,69 @@ async fn slixmpp_logs_in_with_scram_over_starttls_and_gets_ping_and_disco_answer
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn given_hostile_xml_then_that_stream_ends_with_the_right_error_and_others_are_unaffected()
+-> Result<()> {
+    let server =
+        Server::start(ServerOptions::new().env("JUXTA_XMPP__MAX_STANZA_BYTES", "8192")).await?;
+    server
+        .api()
+        .call(
+            Method::PUT,
+            "/api/v1/accounts/erin",
+            Some(&json!({"password": "pw"})),
+        )
+        .await?
+        .expect(201)?;
+    // A bystander logs in first and must keep working throughout.
+    let (mut bystander, _) = connect_tls(&server).await?;
+    send(&mut bystander, &plain("erin", "pw")).await?;
+    read_until(&mut bystander, "<success").await?;
+
+    let addr = server.xmpp_addr().context("no XMPP address")?;
+    let cases: [(&str, String); 4] = [
+        (
+            "restricted-xml",
+            "<!DOCTYPE lol [<!ENTITY lol 'lol'><!ENTITY lol2 '&lol;&lol;'>]><iq/>".to_owned(),
+        ),
+        ("not-well-formed", "<iq type='get' id='1'></message>".to_owned()),
+        // An unclosed stanza that keeps growing is cut off at the stanza limit.
+        ("policy-violation", format!("<message><body>{}", "a".repeat(64 * 1024))),
+        (
+            "invalid-namespace",
+            "<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' \
+             xmlns:stream='urn:wrong'>"
+                .to_owned(),
+        ),
+    ];
+    for (condition, hostile) in cases {
+        let mut tcp = TcpStream::connect(addr).await?;
+        if condition != "invalid-namespace" {
+            send(&mut tcp, HEADER).await?;
+            read_until(&mut tcp, "</stream:features>").await?;
+        }
+        // The server may close while we are still writing: that is the point.
+        let _ = tcp.write_all(hostile.as_bytes()).await;
+        let reply = read_until(&mut tcp, "</stream:stream>").await?;
+        ensure!(reply.contains(condition), "{condition} expected: {reply}");
+    }
+
+    send(&mut bystander, HEADER).await?;
+    read_until(&mut bystander, "</stream:features>").await?;
+    send(
+        &mut bystander,
+        "<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>",
+    )
+    .await?;
+    let bound = read_until(&mut bystander, "</iq>").await?;
+    ensure!(
+        bound.contains("erin@localhost/"),
+        "the bystander still binds: {bound}"
+    );
+    ensure!(
+        server.api().healthy().await?,
+        "the gateway still serves HTTP"
+    );
+    Ok(())
+}
