@@ -751,12 +751,7 @@ impl Message {
             self.to.as_ref(),
             self.lang.as_deref(),
         );
-        for payload in self.payloads {
-            element.append_child(payload);
-        }
-        if let Some(error) = self.error {
-            element.append_child(error.into_element(content_ns));
-        }
+        append_payloads(&mut element, self.payloads, self.error, content_ns);
         element
     }
 }
@@ -783,6 +778,22 @@ impl TryFrom<&Element> for Message {
             payloads,
             error,
         })
+    }
+}
+
+/// Appends a message's or presence's payloads, then its error (the inverse of
+/// [`split_error`]).
+fn append_payloads(
+    element: &mut Element,
+    payloads: Vec<Element>,
+    error: Option<StanzaError>,
+    content_ns: &str,
+) {
+    for payload in payloads {
+        element.append_child(payload);
+    }
+    if let Some(error) = error {
+        element.append_child(error.into_element(content_ns));
     }
 }
 
@@ -860,12 +871,7 @@ impl Presence {
                 .append_child(Element::new("priority", content_ns))
                 .append_text(&priority.to_string());
         }
-        for payload in self.payloads {
-            element.append_child(payload);
-        }
-        if let Some(error) = self.error {
-            element.append_child(error.into_element(content_ns));
-        }
+        append_payloads(&mut element, self.payloads, self.error, content_ns);
         element
     }
 }
