@@ -145,6 +145,10 @@ pub struct Subscription {
     next: Offset,
     /// Offsets up to here exist and must come from the store before live events.
     target: Offset,
+    /// The ring dropped events this subscription had not read: read the store once to learn
+    /// whether any of them are still undelivered. (They may all be older than `next`, already
+    /// delivered from history, so a lag alone does not say that `next` exists.)
+    refill: bool,
     rx: Option<broadcast::Receiver<Arc<Event>>>,
     /// A live event that arrived ahead of `next`.
     parked: Option<Arc<Event>>,
@@ -175,6 +179,7 @@ impl Subscription {
             not_recovered: None,
             next: 1,
             target: 0,
+            refill: false,
             rx: Some(rx),
             parked: None,
             backlog: VecDeque::new(),
@@ -256,7 +261,12 @@ impl Subscription {
             }
             return Some(d);
         }
-        if self.done || self.lagged || self.parked.is_some() || self.next <= self.target {
+        if self.done
+            || self.lagged
+            || self.refill
+            || self.parked.is_some()
+            || self.next <= self.target
+        {
             return None;
         }
         let rx = self.rx.as_mut()?;
@@ -300,8 +310,7 @@ impl Subscription {
                     OverflowPolicy::Drop => self.skip_gap = true,
                     OverflowPolicy::CatchUp => {
                         self.fanout.metrics.overflow("catch_up");
-                        // Learn how far history goes on the next fill.
-                        self.target = self.target.max(self.next);
+                        self.refill = true;
                     }
                 }
             }
@@ -327,7 +336,7 @@ impl Subscription {
                 self.target = self.target.max(p.offset - 1);
                 self.parked = Some(p);
             }
-            if self.next <= self.target {
+            if self.next <= self.target || std::mem::take(&mut self.refill) {
                 if let Err(e) = self.fill().await {
                     self.done = true;
                     return Some(Err(e));
@@ -374,7 +383,8 @@ impl Subscription {
         let first = page.records.first().map(|r| r.offset);
         let gap_end = match first {
             Some(f) if f > self.next => Some(f - 1),
-            None => Some(self.target),
+            // Nothing at or after `next`: a gap only if offsets known to exist are missing.
+            None if self.target >= self.next => Some(self.target),
             _ => None,
         };
         if let Some(to) = gap_end {
@@ -518,6 +528,33 @@ mod tests {
         publish(&bus, &n, 100).await;
         let got = take(&mut sub, 100).await;
         assert_eq!(offsets(&got), (1..=100).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn given_a_lag_noticed_after_history_already_delivered_the_missed_events_then_nothing_is_reported_lost()
+     {
+        // The ring wraps twice before the subscriber reads it: the first lag makes it catch up
+        // from history, which by then holds more than the ring did, so when it notices the
+        // second lag every event the ring dropped was already delivered.
+        let bus = bus(4);
+        let n = node(&bus, "n", 1000, OverflowPolicy::CatchUp).await;
+        let mut sub = bus
+            .subscribe(&Principal::Admin, &n, Resume::default())
+            .await
+            .expect("subscribe");
+        publish(&bus, &n, 10).await;
+        assert!(sub.try_next().is_none(), "the first lag is noticed, not delivered");
+        publish(&bus, &n, 5).await;
+        let got = take(&mut sub, 15).await;
+        assert_eq!(offsets(&got), (1..=15).collect::<Vec<_>>(), "{got:?}");
+        let early = tokio::time::timeout(Duration::from_millis(100), sub.next()).await;
+        assert!(
+            early.is_err(),
+            "nothing was published after offset 15, yet got {early:?}"
+        );
+        publish(&bus, &n, 1).await;
+        let got = take(&mut sub, 1).await;
+        assert_eq!(offsets(&got), vec![16], "{got:?}");
     }
 
     #[tokio::test]
