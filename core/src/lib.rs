@@ -5,6 +5,7 @@
 //! - [`model`]: nodes, items, payloads, offsets, epochs, events, node configuration.
 //! - [`access`]: principals and their grants.
 //! - [`account`]: XMPP accounts with salted SCRAM credentials.
+//! - [`membership`]: XEP-0060 affiliations and XMPP subscriptions of a node.
 //! - [`store`]: the [`Store`] trait — the sequencer and history of every node — with the
 //!   memory and embedded (redb) backends.
 //! - [`fanout`]: per-node rings of committed events and the [`Subscription`] that reads them,
@@ -23,6 +24,7 @@ pub mod bus;
 mod error;
 pub mod fanout;
 mod json;
+pub mod membership;
 pub mod metrics;
 pub mod model;
 pub mod store;
@@ -35,9 +37,10 @@ pub use bus::{Bus, Limits, NodeInfo, Publish};
 pub use error::Error;
 pub use fanout::{Delivery, FanOut, NotRecovered, Resume, Subscription};
 pub use json::{item as item_json, ws_text_frame};
+pub use membership::{Affiliation, NodeSubscription, SubscriptionState};
 pub use metrics::Metrics;
 pub use model::{
     AccessModel, Change, ContentType, Epoch, Event, EventKind, Item, ItemId, NodeConfig, NodeMeta,
-    NodeName, Offset, Origin, OverflowPolicy, Payload, PublishModel, Record,
+    NodeName, Offset, Origin, OverflowPolicy, Payload, PublishModel, Record, SendLastPublished,
 };
 pub use store::{Append, Appended, CommitSink, EmbeddedConfig, EmbeddedStore, MemoryStore, Store};

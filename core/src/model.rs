@@ -465,6 +465,31 @@ pub enum OverflowPolicy {
     Disconnect,
 }
 
+/// When a new subscriber gets the node's newest item without asking (XEP-0060
+/// `pubsub#send_last_published_item`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendLastPublished {
+    /// Never.
+    Never,
+    /// Right after it subscribes.
+    OnSub,
+    /// Right after it subscribes, and whenever it becomes available again.
+    #[default]
+    OnSubAndPresence,
+}
+
+impl SendLastPublished {
+    /// The XEP-0060 form value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendLastPublished::Never => "never",
+            SendLastPublished::OnSub => "on_sub",
+            SendLastPublished::OnSubAndPresence => "on_sub_and_presence",
+        }
+    }
+}
+
 /// Default history size of a node.
 pub const DEFAULT_MAX_ITEMS: u64 = 1000;
 /// Largest history a node may keep.
@@ -492,6 +517,14 @@ pub struct NodeConfig {
     pub deliver_payloads: bool,
     /// Whether retractions are notified (XEP-0060 `pubsub#notify_retract`).
     pub notify_retract: bool,
+    /// Whether deletion is notified (XEP-0060 `pubsub#notify_delete`).
+    pub notify_delete: bool,
+    /// Whether XMPP notifications go only to available resources of a subscriber (XEP-0060
+    /// `pubsub#presence_based_delivery`); otherwise a subscribed bare JID with no available
+    /// resource still gets them at every connected resource.
+    pub presence_based_delivery: bool,
+    /// When an XMPP subscriber gets the newest item without asking.
+    pub send_last_published_item: SendLastPublished,
     /// A human-readable title.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
@@ -508,6 +541,9 @@ impl Default for NodeConfig {
             overflow: OverflowPolicy::default(),
             deliver_payloads: true,
             notify_retract: true,
+            notify_delete: true,
+            presence_based_delivery: false,
+            send_last_published_item: SendLastPublished::default(),
             title: None,
         }
     }

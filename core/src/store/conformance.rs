@@ -7,6 +7,7 @@ use parking_lot::Mutex;
 
 use super::{Append, CommitSink, Op, Store};
 use crate::error::Error;
+use crate::membership::{Affiliation, NodeSubscription, SubscriptionState};
 use crate::model::{Change, Event, ItemId, NodeConfig, NodeName, Origin, Payload};
 
 /// A sink that remembers what it was given.
@@ -245,6 +246,192 @@ where
         Err(Error::AccountNotFound(_))
     ));
 
+    membership(&*s).await;
+
     s.ready().expect("ready");
     s.close().await;
+}
+
+pub(crate) fn subscription(
+    jid: &str,
+    subid: &str,
+    state: SubscriptionState,
+    created_at: u64,
+) -> NodeSubscription {
+    NodeSubscription {
+        jid: jid.into(),
+        subid: subid.into(),
+        state,
+        created_at,
+    }
+}
+
+/// Affiliations and XMPP subscriptions: kept with their node, listed sorted, gone with it.
+async fn membership(s: &dyn Store) {
+    use Affiliation::{Member, Outcast, Owner, Publisher};
+    use SubscriptionState::{Pending, Subscribed};
+
+    let m = NodeName::new("m").expect("name");
+    // A node whose name extends `m`'s: nothing of one may show up in the other.
+    let m2 = NodeName::new("m/2").expect("name");
+    let missing = NodeName::new("nowhere").expect("name");
+    s.put_node(m.clone(), NodeConfig::default())
+        .await
+        .expect("create");
+    s.put_node(m2.clone(), NodeConfig::default())
+        .await
+        .expect("create");
+    assert!(s.affiliations(&m).await.expect("list").is_empty());
+    assert!(s.subscriptions(&m).await.expect("list").is_empty());
+
+    // Affiliations: set, listed by JID, replaced, removed.
+    s.set_affiliation(&m, "owner@x", Some(Owner))
+        .await
+        .expect("set");
+    s.set_affiliation(&m, "b@x", Some(Member))
+        .await
+        .expect("set");
+    s.set_affiliation(&m, "a@x", Some(Publisher))
+        .await
+        .expect("set");
+    s.set_affiliation(&m2, "a@x", Some(Outcast))
+        .await
+        .expect("set");
+    let list = |v: Vec<(Arc<str>, Affiliation)>| {
+        v.into_iter()
+            .map(|(j, a)| (j.to_string(), a))
+            .collect::<Vec<_>>()
+    };
+    let expect = |v: &[(&str, Affiliation)]| {
+        v.iter()
+            .map(|(j, a)| (j.to_string(), *a))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(s.affiliations(&m).await.expect("list")),
+        expect(&[("a@x", Publisher), ("b@x", Member), ("owner@x", Owner)])
+    );
+    s.set_affiliation(&m, "b@x", Some(Outcast))
+        .await
+        .expect("replace");
+    s.set_affiliation(&m, "a@x", None).await.expect("remove");
+    s.set_affiliation(&m, "never@x", None)
+        .await
+        .expect("removing what is not there is fine");
+    assert_eq!(
+        list(s.affiliations(&m).await.expect("list")),
+        expect(&[("b@x", Outcast), ("owner@x", Owner)])
+    );
+    assert_eq!(
+        list(s.affiliations(&m2).await.expect("list")),
+        expect(&[("a@x", Outcast)])
+    );
+
+    // Unknown nodes.
+    assert!(matches!(
+        s.set_affiliation(&missing, "a@x", Some(Owner)).await,
+        Err(Error::NodeNotFound(_))
+    ));
+    assert!(matches!(
+        s.affiliations(&missing).await,
+        Err(Error::NodeNotFound(_))
+    ));
+    assert!(matches!(
+        s.put_subscription(&missing, subscription("a@x", "1", Subscribed, 1))
+            .await,
+        Err(Error::NodeNotFound(_))
+    ));
+    assert!(matches!(
+        s.subscriptions(&missing).await,
+        Err(Error::NodeNotFound(_))
+    ));
+    assert!(
+        !s.delete_subscription(&missing, "a@x", "1")
+            .await
+            .expect("unknown nodes have no subscriptions")
+    );
+
+    // Subscriptions: several per JID, listed by (JID, subid), replaced by (JID, subid).
+    // A long resource checks that listings have no length-limited upper bound.
+    let long = format!("a@x/{}", "z".repeat(2000));
+    for sub in [
+        subscription("b@x", "s2", Subscribed, 1),
+        subscription(&long, "s1", Pending, 2),
+        subscription("b@x", "s1", Pending, 3),
+        subscription("a@x", "s9", Subscribed, 4),
+        subscription("b@x", "s10", Subscribed, 5),
+    ] {
+        s.put_subscription(&m, sub).await.expect("put");
+    }
+    s.put_subscription(&m2, subscription("b@x", "other", Subscribed, 6))
+        .await
+        .expect("put");
+    s.put_subscription(&m, subscription("b@x", "s1", Subscribed, 7))
+        .await
+        .expect("replace");
+    let expected = vec![
+        subscription("a@x", "s9", Subscribed, 4),
+        subscription(&long, "s1", Pending, 2),
+        subscription("b@x", "s1", Subscribed, 7),
+        subscription("b@x", "s10", Subscribed, 5),
+        subscription("b@x", "s2", Subscribed, 1),
+    ];
+    assert_eq!(s.subscriptions(&m).await.expect("list"), expected);
+    assert!(
+        s.delete_subscription(&m, "b@x", "s2")
+            .await
+            .expect("delete")
+    );
+    assert!(
+        !s.delete_subscription(&m, "b@x", "s2")
+            .await
+            .expect("delete again")
+    );
+    assert!(
+        !s.delete_subscription(&m, "b@x", "other")
+            .await
+            .expect("another node's subid")
+    );
+    assert_eq!(
+        s.subscriptions(&m).await.expect("list"),
+        expected[..4].to_vec()
+    );
+    assert_eq!(
+        s.subscriptions(&m2).await.expect("list"),
+        vec![subscription("b@x", "other", Subscribed, 6)]
+    );
+
+    // Reconfiguring keeps them.
+    s.put_node(m.clone(), config(5, false))
+        .await
+        .expect("reconfigure");
+    assert_eq!(s.affiliations(&m).await.expect("list").len(), 2);
+    assert_eq!(
+        s.subscriptions(&m).await.expect("list"),
+        expected[..4].to_vec()
+    );
+
+    // Deleting drops them; a node created again under the name starts with none, and the
+    // node next to it keeps its own.
+    s.delete_node(&m, Origin::Http).await.expect("delete");
+    assert!(matches!(
+        s.affiliations(&m).await,
+        Err(Error::NodeNotFound(_))
+    ));
+    assert!(matches!(
+        s.subscriptions(&m).await,
+        Err(Error::NodeNotFound(_))
+    ));
+    assert!(
+        !s.delete_subscription(&m, "a@x", "s9")
+            .await
+            .expect("deleted nodes have no subscriptions")
+    );
+    s.put_node(m.clone(), NodeConfig::default())
+        .await
+        .expect("recreate");
+    assert!(s.affiliations(&m).await.expect("list").is_empty());
+    assert!(s.subscriptions(&m).await.expect("list").is_empty());
+    assert_eq!(s.affiliations(&m2).await.expect("list").len(), 1);
+    assert_eq!(s.subscriptions(&m2).await.expect("list").len(), 1);
 }

@@ -9,7 +9,9 @@
 //!
 //! Tables: `nodes` (name → meta JSON), `log` ((node, offset) → record), `items`
 //! ((node, item id) → offset of the current version), `idempotency` ((node, key) → entry),
-//! `accounts` (username → account JSON).
+//! `accounts` (username → account JSON), `affiliations` ((node, jid) → XEP-0060 name),
+//! `subscriptions` ((node, jid, subid) → state and creation time as JSON). Keys are tuples
+//! led by the node, so everything of one node is one contiguous range (see `node_range`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,6 +29,7 @@ use super::log::{self, LogTx};
 use super::{Append, Appended, CommitSink, ItemsPage, Op, Page, Store};
 use crate::account::{Account, Username};
 use crate::error::Error;
+use crate::membership::{Affiliation, NodeSubscription, SubscriptionState};
 use crate::metrics::Metrics;
 use crate::model::{
     Change, Epoch, Event, Item, ItemId, NodeConfig, NodeMeta, NodeName, Offset, Origin, Record,
@@ -38,6 +41,9 @@ const LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("log");
 const ITEMS: TableDefinition<(&str, &str), u64> = TableDefinition::new("items");
 const IDEM: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+const AFFILIATIONS: TableDefinition<(&str, &str), &str> = TableDefinition::new("affiliations");
+const SUBSCRIPTIONS: TableDefinition<(&str, &str, &str), &[u8]> =
+    TableDefinition::new("subscriptions");
 
 /// Most requests one commit takes.
 const MAX_BATCH: usize = 1024;
@@ -86,6 +92,23 @@ enum Cmd {
     DeleteNode(NodeName, Origin, oneshot::Sender<Result<(), Error>>),
     PutAccount(Box<Account>, oneshot::Sender<Result<bool, Error>>),
     DeleteAccount(Username, oneshot::Sender<Result<(), Error>>),
+    SetAffiliation(
+        NodeName,
+        Arc<str>,
+        Option<Affiliation>,
+        oneshot::Sender<Result<(), Error>>,
+    ),
+    PutSubscription(
+        NodeName,
+        NodeSubscription,
+        oneshot::Sender<Result<(), Error>>,
+    ),
+    DeleteSubscription(
+        NodeName,
+        Arc<str>,
+        Arc<str>,
+        oneshot::Sender<Result<bool, Error>>,
+    ),
     Close(oneshot::Sender<()>),
 }
 
@@ -110,6 +133,45 @@ fn encode_meta(m: &NodeMeta) -> Vec<u8> {
         created_at: m.created_at,
     })
     .unwrap_or_default()
+}
+
+/// A subscription's value; its JID and subid are the key.
+#[derive(Serialize, Deserialize)]
+struct StoredSubscription {
+    state: SubscriptionState,
+    created_at: u64,
+}
+
+fn encode_subscription(s: &NodeSubscription) -> Vec<u8> {
+    // Serializing plain data to a Vec cannot fail.
+    serde_json::to_vec(&StoredSubscription {
+        state: s.state,
+        created_at: s.created_at,
+    })
+    .unwrap_or_default()
+}
+
+fn decode_subscription(
+    node: &str,
+    jid: &str,
+    subid: &str,
+    b: &[u8],
+) -> Result<NodeSubscription, Error> {
+    let s: StoredSubscription = serde_json::from_slice(b)
+        .map_err(|e| Error::Storage(format!("subscription {node}/{jid}/{subid}: {e}")))?;
+    Ok(NodeSubscription {
+        jid: Arc::from(jid),
+        subid: Arc::from(subid),
+        state: s.state,
+        created_at: s.created_at,
+    })
+}
+
+/// The first key of `node`'s range, and the first key past it: `node` followed by NUL is the
+/// least string greater than `node`, so no other node's keys fall in between, whatever the
+/// JIDs and subids (which have no length limit that a sentinel upper bound could rely on).
+fn node_range(node: &str) -> (&str, String) {
+    (node, format!("{node}\u{0}"))
 }
 
 fn decode_meta(name: &str, b: &[u8]) -> Result<NodeMeta, Error> {
@@ -148,6 +210,8 @@ impl EmbeddedStore {
             w.open_table(ITEMS)?;
             w.open_table(IDEM)?;
             w.open_table(ACCOUNTS)?;
+            w.open_table(AFFILIATIONS)?;
+            w.open_table(SUBSCRIPTIONS)?;
             let mut metas = HashMap::new();
             {
                 let t = w.open_table(NODES)?;
@@ -383,6 +447,70 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn set_affiliation(
+        &self,
+        node: &NodeName,
+        jid: &str,
+        affiliation: Option<Affiliation>,
+    ) -> Result<(), Error> {
+        let (node, jid) = (node.clone(), Arc::from(jid));
+        self.call(|r| Cmd::SetAffiliation(node, jid, affiliation, r))
+            .await?
+    }
+
+    async fn affiliations(&self, node: &NodeName) -> Result<Vec<(Arc<str>, Affiliation)>, Error> {
+        let node = node.clone();
+        self.read_with(move |r| {
+            read_meta(r, &node)?;
+            let t = r.open_table(AFFILIATIONS)?;
+            let (lo, hi) = node_range(node.as_str());
+            let mut out = Vec::new();
+            for entry in t.range((lo, "")..(hi.as_str(), ""))? {
+                let (k, v) = entry?;
+                let (_, jid) = k.value();
+                let a = Affiliation::parse(v.value()).ok_or_else(|| {
+                    Error::Storage(format!("affiliation {node}/{jid}: {:?}", v.value()))
+                })?;
+                out.push((Arc::from(jid), a));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_subscription(&self, node: &NodeName, sub: NodeSubscription) -> Result<(), Error> {
+        let node = node.clone();
+        self.call(|r| Cmd::PutSubscription(node, sub, r)).await?
+    }
+
+    async fn delete_subscription(
+        &self,
+        node: &NodeName,
+        jid: &str,
+        subid: &str,
+    ) -> Result<bool, Error> {
+        let (node, jid, subid) = (node.clone(), Arc::from(jid), Arc::from(subid));
+        self.call(|r| Cmd::DeleteSubscription(node, jid, subid, r))
+            .await?
+    }
+
+    async fn subscriptions(&self, node: &NodeName) -> Result<Vec<NodeSubscription>, Error> {
+        let node = node.clone();
+        self.read_with(move |r| {
+            read_meta(r, &node)?;
+            let t = r.open_table(SUBSCRIPTIONS)?;
+            let (lo, hi) = node_range(node.as_str());
+            let mut out = Vec::new();
+            for entry in t.range((lo, "", "")..(hi.as_str(), "", ""))? {
+                let (k, v) = entry?;
+                let (n, jid, subid) = k.value();
+                out.push(decode_subscription(n, jid, subid, v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     fn ready(&self) -> Result<(), Error> {
         if self.alive.load(Ordering::SeqCst) {
             Ok(())
@@ -420,6 +548,9 @@ enum Outcome {
     DeleteNode(Result<(), Error>, oneshot::Sender<Result<(), Error>>),
     PutAccount(bool, oneshot::Sender<Result<bool, Error>>),
     DeleteAccount(Result<(), Error>, oneshot::Sender<Result<(), Error>>),
+    SetAffiliation(Result<(), Error>, oneshot::Sender<Result<(), Error>>),
+    PutSubscription(Result<(), Error>, oneshot::Sender<Result<(), Error>>),
+    DeleteSubscription(bool, oneshot::Sender<Result<bool, Error>>),
 }
 
 struct Tables<'t> {
@@ -428,6 +559,8 @@ struct Tables<'t> {
     items: Table<'t, (&'static str, &'static str), u64>,
     idem: Table<'t, (&'static str, &'static str), &'static [u8]>,
     accounts: Table<'t, &'static str, &'static [u8]>,
+    affiliations: Table<'t, (&'static str, &'static str), &'static str>,
+    subscriptions: Table<'t, (&'static str, &'static str, &'static str), &'static [u8]>,
 }
 
 struct NodeTx<'a, 't> {
@@ -535,6 +668,8 @@ impl Writer {
                     items: txn.open_table(ITEMS)?,
                     idem: txn.open_table(IDEM)?,
                     accounts: txn.open_table(ACCOUNTS)?,
+                    affiliations: txn.open_table(AFFILIATIONS)?,
+                    subscriptions: txn.open_table(SUBSCRIPTIONS)?,
                 };
                 let now = time::now_ms();
                 for cmd in cmds {
@@ -583,6 +718,23 @@ impl Writer {
                             };
                             outcomes.push(Outcome::DeleteAccount(r, reply));
                         }
+                        Cmd::SetAffiliation(node, jid, affiliation, reply) => {
+                            let r =
+                                self.set_affiliation(&mut t, &work, &node, &jid, affiliation)?;
+                            outcomes.push(Outcome::SetAffiliation(r, reply));
+                        }
+                        Cmd::PutSubscription(node, sub, reply) => {
+                            let r = self.put_subscription(&mut t, &work, &node, &sub)?;
+                            outcomes.push(Outcome::PutSubscription(r, reply));
+                        }
+                        Cmd::DeleteSubscription(node, jid, subid, reply) => {
+                            // No node, no subscriptions: `delete_node` removed them with it.
+                            let existed = t
+                                .subscriptions
+                                .remove((node.as_str(), &*jid, &*subid))?
+                                .is_some();
+                            outcomes.push(Outcome::DeleteSubscription(existed, reply));
+                        }
                         Cmd::Close(_) => {}
                     }
                 }
@@ -619,6 +771,9 @@ impl Writer {
                         Outcome::DeleteNode(r, reply) => drop(reply.send(r)),
                         Outcome::PutAccount(r, reply) => drop(reply.send(Ok(r))),
                         Outcome::DeleteAccount(r, reply) => drop(reply.send(r)),
+                        Outcome::SetAffiliation(r, reply) => drop(reply.send(r)),
+                        Outcome::PutSubscription(r, reply) => drop(reply.send(r)),
+                        Outcome::DeleteSubscription(r, reply) => drop(reply.send(Ok(r))),
                     }
                 }
             }
@@ -636,6 +791,9 @@ impl Writer {
                         Outcome::DeleteNode(_, reply) => drop(reply.send(Err(fail()))),
                         Outcome::PutAccount(_, reply) => drop(reply.send(Err(fail()))),
                         Outcome::DeleteAccount(_, reply) => drop(reply.send(Err(fail()))),
+                        Outcome::SetAffiliation(_, reply) => drop(reply.send(Err(fail()))),
+                        Outcome::PutSubscription(_, reply) => drop(reply.send(Err(fail()))),
+                        Outcome::DeleteSubscription(_, reply) => drop(reply.send(Err(fail()))),
                     }
                 }
                 // Commands that never got an outcome are dropped: their callers see `Unavailable`.
@@ -776,6 +934,11 @@ impl Writer {
             (name.as_str(), "")..=(name.as_str(), upper.as_str()),
             |_, _| false,
         )?;
+        let (lo, hi) = node_range(name.as_str());
+        t.affiliations
+            .retain_in((lo, "")..(hi.as_str(), ""), |_, _| false)?;
+        t.subscriptions
+            .retain_in((lo, "", "")..(hi.as_str(), "", ""), |_, _| false)?;
         let record = Record {
             offset: meta.last_offset + 1,
             change: Change::Deleted,
@@ -788,6 +951,47 @@ impl Writer {
             origin,
         )));
         work.insert(name, None);
+        Ok(Ok(()))
+    }
+
+    /// Returns `Err` only for storage failures; a missing node is the inner `Result`.
+    fn set_affiliation(
+        &self,
+        t: &mut Tables<'_>,
+        work: &HashMap<NodeName, Option<NodeMeta>>,
+        node: &NodeName,
+        jid: &str,
+        affiliation: Option<Affiliation>,
+    ) -> Result<Result<(), Error>, Error> {
+        if self.current(work, node).is_none() {
+            return Ok(Err(Error::NodeNotFound(node.to_string())));
+        }
+        match affiliation {
+            Some(a) => {
+                t.affiliations.insert((node.as_str(), jid), a.as_str())?;
+            }
+            None => {
+                t.affiliations.remove((node.as_str(), jid))?;
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Returns `Err` only for storage failures; a missing node is the inner `Result`.
+    fn put_subscription(
+        &self,
+        t: &mut Tables<'_>,
+        work: &HashMap<NodeName, Option<NodeMeta>>,
+        node: &NodeName,
+        sub: &NodeSubscription,
+    ) -> Result<Result<(), Error>, Error> {
+        if self.current(work, node).is_none() {
+            return Ok(Err(Error::NodeNotFound(node.to_string())));
+        }
+        t.subscriptions.insert(
+            (node.as_str(), &*sub.jid, &*sub.subid),
+            encode_subscription(sub).as_slice(),
+        )?;
         Ok(Ok(()))
     }
 
@@ -875,5 +1079,54 @@ mod tests {
         assert_eq!(r.offset, 1);
         let page = s.items(&node, 0, 10).await.expect("items");
         assert_eq!(page.items.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn given_a_reopened_database_then_affiliations_and_subscriptions_survive() {
+        use crate::membership::SubscriptionState;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("juxta.redb");
+        let node = NodeName::new("n").expect("name");
+        let subs = vec![
+            conformance::subscription("a@x", "1", SubscriptionState::Subscribed, 10),
+            conformance::subscription("a@x", "2", SubscriptionState::Pending, 11),
+            conformance::subscription("b@x/r", "1", SubscriptionState::Subscribed, 12),
+        ];
+        {
+            let s = EmbeddedStore::open(
+                EmbeddedConfig::new(&path),
+                conformance::Collect::new(),
+                Arc::new(Metrics::default()),
+            )
+            .expect("open");
+            s.put_node(node.clone(), NodeConfig::default())
+                .await
+                .expect("create");
+            s.set_affiliation(&node, "owner@x", Some(Affiliation::Owner))
+                .await
+                .expect("set");
+            s.set_affiliation(&node, "bad@x", Some(Affiliation::Outcast))
+                .await
+                .expect("set");
+            for sub in subs.iter().rev() {
+                s.put_subscription(&node, sub.clone()).await.expect("put");
+            }
+            s.close().await;
+        }
+        let s = EmbeddedStore::open(
+            EmbeddedConfig::new(&path),
+            conformance::Collect::new(),
+            Arc::new(Metrics::default()),
+        )
+        .expect("reopen");
+        assert_eq!(
+            s.affiliations(&node).await.expect("list"),
+            vec![
+                (Arc::from("bad@x"), Affiliation::Outcast),
+                (Arc::from("owner@x"), Affiliation::Owner),
+            ]
+        );
+        assert_eq!(s.subscriptions(&node).await.expect("list"), subs);
     }
 }

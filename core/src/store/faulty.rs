@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use super::{Append, Appended, ItemsPage, Page, Store};
 use crate::account::{Account, Username};
 use crate::error::Error;
+use crate::membership::{Affiliation, NodeSubscription};
 use crate::model::{Item, ItemId, NodeConfig, NodeMeta, NodeName, Offset, Origin};
 
 /// Wraps a store; the next `n` appends (or reads) fail with [`Error::Storage`] after
@@ -103,6 +104,31 @@ impl Store for FaultyStore {
     }
     async fn accounts(&self) -> Result<Vec<Username>, Error> {
         self.inner.accounts().await
+    }
+    async fn set_affiliation(
+        &self,
+        node: &NodeName,
+        jid: &str,
+        affiliation: Option<Affiliation>,
+    ) -> Result<(), Error> {
+        self.inner.set_affiliation(node, jid, affiliation).await
+    }
+    async fn affiliations(&self, node: &NodeName) -> Result<Vec<(Arc<str>, Affiliation)>, Error> {
+        self.inner.affiliations(node).await
+    }
+    async fn put_subscription(&self, node: &NodeName, sub: NodeSubscription) -> Result<(), Error> {
+        self.inner.put_subscription(node, sub).await
+    }
+    async fn delete_subscription(
+        &self,
+        node: &NodeName,
+        jid: &str,
+        subid: &str,
+    ) -> Result<bool, Error> {
+        self.inner.delete_subscription(node, jid, subid).await
+    }
+    async fn subscriptions(&self, node: &NodeName) -> Result<Vec<NodeSubscription>, Error> {
+        self.inner.subscriptions(node).await
     }
     fn ready(&self) -> Result<(), Error> {
         self.inner.ready()

@@ -11,6 +11,7 @@ use super::log::{self, LogTx};
 use super::{Append, Appended, CommitSink, ItemsPage, Op, Page, Store};
 use crate::account::{Account, Username};
 use crate::error::Error;
+use crate::membership::{Affiliation, NodeSubscription};
 use crate::model::{
     Change, Event, Item, ItemId, NodeConfig, NodeMeta, NodeName, Offset, Origin, Record,
 };
@@ -37,6 +38,10 @@ struct MemNode {
     items: HashMap<ItemId, Offset>,
     /// key → (expires_at, result)
     idem: HashMap<String, (u64, Appended)>,
+    /// jid → affiliation; ordered so listings come out sorted by JID.
+    affiliations: BTreeMap<Arc<str>, Affiliation>,
+    /// (jid, subid) → subscription; ordered so listings come out sorted.
+    subscriptions: BTreeMap<(Arc<str>, Arc<str>), NodeSubscription>,
 }
 
 struct Tx<'a> {
@@ -151,6 +156,8 @@ impl Store for MemoryStore {
                 log: BTreeMap::new(),
                 items: HashMap::new(),
                 idem: HashMap::new(),
+                affiliations: BTreeMap::new(),
+                subscriptions: BTreeMap::new(),
             },
         );
         Ok((meta, true))
@@ -283,6 +290,75 @@ impl Store for MemoryStore {
 
     async fn accounts(&self) -> Result<Vec<Username>, Error> {
         Ok(self.inner.lock().accounts.keys().cloned().collect())
+    }
+
+    async fn set_affiliation(
+        &self,
+        node: &NodeName,
+        jid: &str,
+        affiliation: Option<Affiliation>,
+    ) -> Result<(), Error> {
+        let mut inner = self.inner.lock();
+        let n = inner
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| Error::NodeNotFound(node.to_string()))?;
+        match affiliation {
+            Some(a) => {
+                n.affiliations.insert(Arc::from(jid), a);
+            }
+            None => {
+                n.affiliations.remove(jid);
+            }
+        }
+        Ok(())
+    }
+
+    async fn affiliations(&self, node: &NodeName) -> Result<Vec<(Arc<str>, Affiliation)>, Error> {
+        let inner = self.inner.lock();
+        let n = inner
+            .nodes
+            .get(node)
+            .ok_or_else(|| Error::NodeNotFound(node.to_string()))?;
+        Ok(n.affiliations
+            .iter()
+            .map(|(jid, a)| (jid.clone(), *a))
+            .collect())
+    }
+
+    async fn put_subscription(&self, node: &NodeName, sub: NodeSubscription) -> Result<(), Error> {
+        let mut inner = self.inner.lock();
+        let n = inner
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| Error::NodeNotFound(node.to_string()))?;
+        n.subscriptions
+            .insert((sub.jid.clone(), sub.subid.clone()), sub);
+        Ok(())
+    }
+
+    async fn delete_subscription(
+        &self,
+        node: &NodeName,
+        jid: &str,
+        subid: &str,
+    ) -> Result<bool, Error> {
+        let mut inner = self.inner.lock();
+        let Some(n) = inner.nodes.get_mut(node) else {
+            return Ok(false);
+        };
+        Ok(n.subscriptions
+            .remove(&(Arc::from(jid), Arc::from(subid)))
+            .is_some())
+    }
+
+    async fn subscriptions(&self, node: &NodeName) -> Result<Vec<NodeSubscription>, Error> {
+        let inner = self.inner.lock();
+        let n = inner
+            .nodes
+            .get(node)
+            .ok_or_else(|| Error::NodeNotFound(node.to_string()))?;
+        Ok(n.subscriptions.values().cloned().collect())
     }
 
     fn ready(&self) -> Result<(), Error> {

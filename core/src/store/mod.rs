@@ -18,6 +18,7 @@ use async_trait::async_trait;
 
 use crate::account::{Account, Username};
 use crate::error::Error;
+use crate::membership::{Affiliation, NodeSubscription};
 use crate::model::{
     Epoch, Event, Item, ItemId, NodeConfig, NodeMeta, NodeName, Offset, Origin, Payload, Record,
 };
@@ -146,6 +147,34 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// Every username, sorted.
     async fn accounts(&self) -> Result<Vec<Username>, Error>;
+
+    /// Sets `jid`'s affiliation with `node`, or removes it with `None`;
+    /// [`Error::NodeNotFound`] if there is no such node.
+    async fn set_affiliation(
+        &self,
+        node: &NodeName,
+        jid: &str,
+        affiliation: Option<Affiliation>,
+    ) -> Result<(), Error>;
+
+    /// The affiliations of `node`, sorted by JID; [`Error::NodeNotFound`] if there is none.
+    async fn affiliations(&self, node: &NodeName) -> Result<Vec<(Arc<str>, Affiliation)>, Error>;
+
+    /// Adds a subscription, or replaces the one with the same JID and subid;
+    /// [`Error::NodeNotFound`] if there is no such node.
+    async fn put_subscription(&self, node: &NodeName, sub: NodeSubscription) -> Result<(), Error>;
+
+    /// Removes a subscription; `true` if it existed. Unknown nodes have none.
+    async fn delete_subscription(
+        &self,
+        node: &NodeName,
+        jid: &str,
+        subid: &str,
+    ) -> Result<bool, Error>;
+
+    /// The subscriptions of `node`, sorted by JID, then subid; [`Error::NodeNotFound`] if
+    /// there is no such node.
+    async fn subscriptions(&self, node: &NodeName) -> Result<Vec<NodeSubscription>, Error>;
 
     /// Whether the store can take writes now (readiness).
     fn ready(&self) -> Result<(), Error>;
