@@ -353,6 +353,17 @@ impl Session {
         }
     }
 
+    /// Ends the stream because the client does not read what is queued for it: a
+    /// `policy-violation` stream error (the queue is bounded; see [`crate::Link`]).
+    pub fn overloaded(&mut self) {
+        if !self.is_closed() {
+            self.fail(
+                Condition::PolicyViolation,
+                Some("too slow: the client does not read its stanzas"),
+            );
+        }
+    }
+
     /// How many SASL attempts have failed on this stream so far.
     pub fn auth_failures(&self) -> u32 {
         self.failures

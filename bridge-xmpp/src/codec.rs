@@ -289,7 +289,13 @@ impl Decoder {
         let rest = &self.buf[self.pos..];
         if start {
             const BOM: &[u8] = b"\xEF\xBB\xBF";
-            if rest.len() < BOM.len() && BOM.starts_with(rest) {
+            // Wait while the input could still be the start of a byte order mark, UTF-8's
+            // or UTF-16's: deciding on a lone `\xFE` would make the error depend on where
+            // the input was split.
+            let undecided = [BOM, b"\xFE\xFF", b"\xFF\xFE"]
+                .iter()
+                .any(|bom| rest.len() < bom.len() && bom.starts_with(rest));
+            if undecided {
                 return Ok(Prolog::NeedMore);
             }
             if rest.starts_with(BOM) {
@@ -980,6 +986,20 @@ mod tests {
             let (_, error) = decode_all(utf16);
             assert_eq!(
                 error.map(|e| e.condition()),
+                Some(Condition::UnsupportedEncoding)
+            );
+        }
+    }
+
+    #[test]
+    fn a_utf_16_byte_order_mark_split_after_its_first_byte_is_still_an_unsupported_encoding() {
+        // Found by the fuzzer: a lone `\xFE` was taken for character data before the header.
+        for input in [&b"\xFE\xFF\0<"[..], b"\xFF\xFE<\0"] {
+            let (_, at_once) = decode_all(input);
+            let (_, byte_by_byte) = decode_in_chunks(input, 1, Limits::default());
+            assert_eq!(at_once, byte_by_byte);
+            assert_eq!(
+                at_once.map(|e| e.condition()),
                 Some(Condition::UnsupportedEncoding)
             );
         }

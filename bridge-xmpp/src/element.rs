@@ -104,6 +104,17 @@ impl Element {
         &self.ns
     }
 
+    /// Moves this element, and every descendant in namespace `from`, to namespace `to`: a
+    /// stanza built for `jabber:client` becomes one for `jabber:component:accept`.
+    pub fn rename_ns(&mut self, from: &str, to: &str) {
+        if self.ns == from {
+            self.ns = to.to_owned();
+        }
+        for child in self.children_mut() {
+            child.rename_ns(from, to);
+        }
+    }
+
     /// Whether this element has local name `name` in namespace `ns`.
     pub fn is(&self, name: &str, ns: &str) -> bool {
         self.name == name && self.ns == ns

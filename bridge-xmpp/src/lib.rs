@@ -14,9 +14,14 @@
 //! - `writer`: serialization: [`Element::write_to`], [`stream_header`], [`stream_error`],
 //!   and [`SharedStanza`], which writes a notification once and addresses copies to many
 //!   recipients.
+//! - [`link`]: [`Link`], the bounded outbound queue of a stream, and [`StanzaHandler`], how
+//!   streams hand stanzas to a service.
 //! - [`metrics`]: sessions, auth failures, stanzas and bytes, for the gateway's registry.
 //! - [`server`]: the c2s listener, the thin tokio driver that runs a [`c2s::Session`] per
 //!   connection (STARTTLS, account lookups, per-IP limit, handshake and idle timeouts).
+//! - [`pubsub`]: the XEP-0060 service at `pubsub.<domain>` on the core bus: requests in,
+//!   replies and notifications out through links.
+//! - [`router`]: the registry of bound local sessions and their presence.
 //! - [`tls`]: the rustls server configuration for STARTTLS and direct TLS (XEP-0368), from
 //!   PEM files or a self-signed development certificate.
 //! - [`sasl`]: SCRAM-SHA-256, SCRAM-SHA-1 and PLAIN against stored credentials, no I/O.
@@ -29,6 +34,10 @@
 //! - [`c2s`]: the client-to-server [`c2s::Session`]: stream headers, STARTTLS, SASL and
 //!   resource binding as steps, then the stanzas of the bound client; bytes and lookups in,
 //!   [`c2s::Output`]s out.
+//! - [`component`]: the external component (XEP-0114): [`component::Session`], the
+//!   handshake and the checks on incoming stanzas without I/O, and [`component::run`], the
+//!   driver that connects out to an XMPP server, hands stanzas to a [`StanzaHandler`] and
+//!   reconnects with backoff.
 //!
 //! Data moves: connection bytes → [`Decoder::feed`] → [`Decoder::next`] → [`Frame`] →
 //! (typed stanza, session logic) → [`Element`] → [`Element::write_to`] → connection bytes.
@@ -37,12 +46,16 @@
 
 pub mod c2s;
 mod codec;
+pub mod component;
 mod element;
 mod error;
 mod jid;
+pub mod link;
 pub mod metrics;
 pub mod ns;
 mod parse;
+pub mod pubsub;
+pub mod router;
 pub mod sasl;
 mod scan;
 pub mod server;
@@ -57,6 +70,7 @@ pub use codec::{
 pub use element::{Attribute, Element, ElementBuilder, Node};
 pub use error::{Condition, StreamError};
 pub use jid::{Jid, JidError, JidPart, MAX_JID_PART_BYTES};
+pub use link::{Link, Outbound, StanzaHandler};
 pub use stanza::{
     DefinedCondition, ErrorType, Iq, IqType, Message, MessageType, Presence, PresenceType, Show,
     Stanza, StanzaError, StanzaParseError, UnknownValue,

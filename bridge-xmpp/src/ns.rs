@@ -44,6 +44,10 @@ pub const DATA_FORMS: &str = "jabber:x:data";
 pub const DELAY: &str = "urn:xmpp:delay";
 /// XEP-0335: JSON containers (`<json xmlns='urn:xmpp:json:0'>`).
 pub const JSON: &str = "urn:xmpp:json:0";
+/// juxta: an item payload of raw bytes, base64 in the element's text.
+pub const JUXTA_BINARY: &str = "urn:xmpp:juxta:binary:0";
+/// XEP-0059: result set management (a `<set/>` that may accompany items).
+pub const RSM: &str = "http://jabber.org/protocol/rsm";
 /// XML Namespaces §3: the namespace bound to the reserved `xml` prefix (`xml:lang`).
 pub const XML: &str = "http://www.w3.org/XML/1998/namespace";
 /// XML Namespaces §3: the namespace of `xmlns` declarations; never bound to another prefix.

@@ -427,6 +427,17 @@ fn start_tag(
     })
 }
 
+/// A standalone XML fragment (an item payload kept as text): one element that declares its
+/// own namespaces, under the default depth and attribute limits.
+pub(crate) fn parse_fragment(text: &str) -> Result<Element, StreamError> {
+    parse_stanza(
+        text.as_bytes(),
+        &Scope::default(),
+        crate::codec::DEFAULT_MAX_DEPTH,
+        crate::codec::DEFAULT_MAX_ATTRIBUTES,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

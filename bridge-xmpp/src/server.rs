@@ -18,12 +18,17 @@ use juxta_core::Store;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::c2s::{C2sConfig, Output, Session};
+use crate::jid::Jid;
+use crate::link::{Link, Outbound, StanzaHandler};
 use crate::metrics::{KindLabels, Metrics};
-use crate::stanza::{IqType, Stanza, StanzaError};
+use crate::ns;
+use crate::router::Router;
+use crate::stanza::{IqType, PresenceType, Stanza, StanzaError};
 use crate::{Element, Limits};
 
 /// Default connections allowed from one IP address at once.
@@ -58,6 +63,12 @@ pub struct ServerConfig {
     pub max_bytes_per_sec: u64,
     /// Where to count.
     pub metrics: Arc<Metrics>,
+    /// Stanzas queued for one session before it counts as too slow and is closed.
+    pub link_capacity: usize,
+    /// Bound sessions, for delivery to local addresses.
+    pub router: Arc<Router>,
+    /// The service stanzas to `service_jid` (and its nodes) go to, when there is one.
+    pub service: Option<(Jid, Arc<dyn StanzaHandler>)>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -182,8 +193,11 @@ pub async fn serve(
         let (config, store, shutdown) = (config.clone(), store.clone(), shutdown.child_token());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = connection(tcp, peer, transport, config, store, shutdown, secret).await
-            {
+            let sessions = config.metrics.sessions.clone();
+            sessions.inc();
+            let result = connection(tcp, peer, transport, config, store, shutdown, secret).await;
+            sessions.dec();
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "xmpp connection ended");
             }
         });
@@ -272,94 +286,200 @@ async fn connection(
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut buf = vec![0u8; READ_CHUNK];
     let mut budget = ReadBudget::new(config.max_bytes_per_sec, tokio::time::Instant::now());
-    let mut bound = false;
-    loop {
-        // Do everything the session asked for before reading again.
-        while let Some(out) = session.poll_output() {
-            match out {
-                Output::Send(bytes) => {
-                    config.metrics.bytes_out.inc_by(bytes.len() as u64);
-                    conn.write_all(&bytes).await?;
-                    conn.flush().await?;
-                }
-                Output::StartTls => {
-                    let Conn::Plain(tcp) = std::mem::replace(&mut conn, Conn::Upgrading) else {
-                        return Err(io::Error::other("STARTTLS on a stream that is not plain"));
-                    };
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config.tls.clone());
-                    let tls = tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp))
-                        .await
-                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-                    conn = Conn::Tls(Box::new(tls));
-                    session.handle_tls_established();
-                }
-                Output::LookupCredentials(user) => {
-                    let account = match store.account(&user).await {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "xmpp: account lookup failed");
-                            None
+    // Set once bound: the session's address and the queue others deliver to.
+    let mut bound: Option<(Jid, Link, mpsc::Receiver<Outbound>)> = None;
+    let result = async {
+        loop {
+            // Do everything the session asked for before reading again.
+            while let Some(out) = session.poll_output() {
+                match out {
+                    Output::Send(bytes) => {
+                        config.metrics.bytes_out.inc_by(bytes.len() as u64);
+                        conn.write_all(&bytes).await?;
+                        conn.flush().await?;
+                    }
+                    Output::StartTls => {
+                        let Conn::Plain(tcp) = std::mem::replace(&mut conn, Conn::Upgrading) else {
+                            return Err(io::Error::other("STARTTLS on a stream that is not plain"));
+                        };
+                        let acceptor = tokio_rustls::TlsAcceptor::from(config.tls.clone());
+                        let tls = tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp))
+                            .await
+                            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                        conn = Conn::Tls(Box::new(tls));
+                        session.handle_tls_established();
+                    }
+                    Output::LookupCredentials(user) => {
+                        let account = match store.account(&user).await {
+                            Ok(a) => a,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "xmpp: account lookup failed");
+                                None
+                            }
+                        };
+                        let failures = session.auth_failures();
+                        session.handle_credentials(account);
+                        config
+                            .metrics
+                            .auth_failures
+                            .inc_by(u64::from(session.auth_failures() - failures));
+                    }
+                    Output::Authenticated(user) => {
+                        tracing::debug!(%peer, %user, "xmpp: authenticated")
+                    }
+                    Output::Bound(jid) => {
+                        config.metrics.bound.inc();
+                        tracing::debug!(%peer, %jid, "xmpp: bound");
+                        let (link, rx) = Link::new(config.link_capacity, ns::JABBER_CLIENT);
+                        config.router.register(&jid, link.clone());
+                        bound = Some((jid, link, rx));
+                    }
+                    Output::Stanza(stanza) => {
+                        let kind = match *stanza {
+                            Stanza::Iq(_) => "iq",
+                            Stanza::Message(_) => "message",
+                            Stanza::Presence(_) => "presence",
+                        };
+                        config
+                            .metrics
+                            .stanzas_in
+                            .get_or_create(&KindLabels { kind })
+                            .inc();
+                        match &bound {
+                            Some((jid, link, _)) => {
+                                route(&config, &mut session, jid, link, *stanza).await;
+                            }
+                            None => unroutable(&mut session, *stanza),
                         }
-                    };
-                    let failures = session.auth_failures();
-                    session.handle_credentials(account);
-                    config
-                        .metrics
-                        .auth_failures
-                        .inc_by(u64::from(session.auth_failures() - failures));
+                    }
+                    Output::Close => {
+                        let _ = conn.shutdown().await;
+                        return Ok(());
+                    }
                 }
-                Output::Authenticated(user) => tracing::debug!(%peer, %user, "xmpp: authenticated"),
-                Output::Bound(jid) => {
-                    bound = true;
-                    config.metrics.bound.inc();
-                    tracing::debug!(%peer, %jid, "xmpp: bound");
+            }
+            let deadline = if bound.is_some() {
+                tokio::time::Instant::now() + config.idle_timeout
+            } else {
+                handshake_deadline
+            };
+            let queued = async {
+                match &mut bound {
+                    Some((_, link, rx)) => tokio::select! {
+                        out = rx.recv() => Some(out),
+                        _ = link.overloaded().cancelled() => None,
+                    },
+                    None => std::future::pending().await,
                 }
-                Output::Stanza(stanza) => {
-                    let kind = match *stanza {
-                        Stanza::Iq(_) => "iq",
-                        Stanza::Message(_) => "message",
-                        Stanza::Presence(_) => "presence",
-                    };
-                    config
-                        .metrics
-                        .stanzas_in
-                        .get_or_create(&KindLabels { kind })
-                        .inc();
-                    unroutable(&mut session, *stanza);
-                }
-                Output::Close => {
-                    let _ = conn.shutdown().await;
-                    return Ok(());
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => session.shutdown(),
+                q = queued => match q {
+                    Some(Some(first)) => {
+                        let Some((_, _, rx)) = &mut bound else { continue };
+                        write_queued(&mut conn, first, rx, &config.metrics).await?;
+                    }
+                    Some(None) => {}
+                    None => {
+                        config.metrics.overloaded.inc();
+                        tracing::info!(%peer, "xmpp: closing a session that does not read its stanzas");
+                        session.overloaded();
+                    }
+                },
+                r = tokio::time::timeout_at(deadline, conn.read(&mut buf)) => match r {
+                    Ok(Ok(0)) => return Ok(()),
+                    Ok(Ok(n)) => {
+                        config.metrics.bytes_in.inc_by(n as u64);
+                        let wait = budget.spend(n, tokio::time::Instant::now());
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        let failures = session.auth_failures();
+                        session.handle_bytes(&buf[..n]);
+                        config.metrics.auth_failures.inc_by(u64::from(session.auth_failures() - failures));
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        tracing::debug!(%peer, bound = bound.is_some(), "xmpp: connection timed out");
+                        session.timed_out();
+                    }
+                },
+            }
+        }
+    }
+    .await;
+    if let Some((jid, link, _)) = &bound {
+        config.router.unregister(jid, link);
+    }
+    result
+}
+
+/// Most bytes gathered from the queue into one write.
+const MAX_WRITE_BATCH: usize = 64 * 1024;
+
+/// Writes `first` and whatever else is queued, up to [`MAX_WRITE_BATCH`], in one write:
+/// under fan-out a session's queue holds many notifications, and one TLS record and one
+/// syscall for all of them is what keeps the cost per delivery low.
+async fn write_queued(
+    conn: &mut Conn,
+    first: Outbound,
+    rx: &mut mpsc::Receiver<Outbound>,
+    metrics: &Metrics,
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(4096);
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        match item {
+            Outbound::Bytes(b) => out.extend_from_slice(&b),
+            Outbound::Shared { stanza, to } => {
+                for chunk in stanza.addressed_to(&to).chunks() {
+                    out.extend_from_slice(chunk);
                 }
             }
         }
-        let deadline = if bound {
-            tokio::time::Instant::now() + config.idle_timeout
-        } else {
-            handshake_deadline
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => session.shutdown(),
-            r = tokio::time::timeout_at(deadline, conn.read(&mut buf)) => match r {
-                Ok(Ok(0)) => return Ok(()),
-                Ok(Ok(n)) => {
-                    config.metrics.bytes_in.inc_by(n as u64);
-                    let wait = budget.spend(n, tokio::time::Instant::now());
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                    }
-                    let failures = session.auth_failures();
-                    session.handle_bytes(&buf[..n]);
-                    config.metrics.auth_failures.inc_by(u64::from(session.auth_failures() - failures));
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    tracing::debug!(%peer, bound, "xmpp: connection timed out");
-                    session.timed_out();
-                }
-            },
+        if out.len() < MAX_WRITE_BATCH {
+            next = rx.try_recv().ok();
         }
     }
+    metrics.bytes_out.inc_by(out.len() as u64);
+    conn.write_all(&out).await?;
+    conn.flush().await
+}
+
+/// Routes a stanza of the bound session `jid`: to the service when addressed to it; a
+/// presence broadcast updates the session's availability (and tells the service);
+/// anything else is [`unroutable`].
+async fn route(
+    config: &ServerConfig,
+    session: &mut Session,
+    jid: &Jid,
+    link: &Link,
+    stanza: Stanza,
+) {
+    let to = match &stanza {
+        Stanza::Iq(s) => s.to.as_ref(),
+        Stanza::Message(s) => s.to.as_ref(),
+        Stanza::Presence(s) => s.to.as_ref(),
+    };
+    if let Some((service_jid, handler)) = &config.service {
+        if to.is_some_and(|to| to.domain() == service_jid.domain()) {
+            handler.handle(stanza, link).await;
+            return;
+        }
+        if let Stanza::Presence(p) = &stanza
+            && to.is_none()
+        {
+            let available = p.kind == PresenceType::Available;
+            if matches!(p.kind, PresenceType::Available | PresenceType::Unavailable) {
+                let became = config
+                    .router
+                    .set_presence(jid, available, p.priority.unwrap_or(0));
+                handler.presence_changed(jid, became).await;
+            }
+            return;
+        }
+    }
+    unroutable(session, stanza);
 }
 
 /// Answers a stanza that nothing on this server handles yet: an iq request gets
