@@ -192,6 +192,57 @@ pub struct XmppConfig {
     /// Bytes per second one client may send beyond a one-second burst; reading from it
     /// slows down past that. 0 turns the limit off.
     pub max_bytes_per_sec: u64,
+    /// Stanzas queued for one session (notifications, replies) before it counts as too slow
+    /// and its stream is closed with `policy-violation`.
+    pub max_queued_stanzas: usize,
+    /// The publish-subscribe service.
+    pub pubsub: PubSubSection,
+    /// External component mode (XEP-0114): attach the pubsub service to another server.
+    pub component: Option<ComponentSection>,
+}
+
+/// Who may create nodes over XMPP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CreateNodes {
+    /// Any local account; the creator owns the node.
+    #[default]
+    Local,
+    /// Only `xmpp.pubsub.admins`.
+    Admins,
+}
+
+/// `[xmpp.pubsub]`: the XEP-0060 service at `pubsub.<domain>`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PubSubSection {
+    /// Who may create nodes: `local` (any local account) or `admins`.
+    pub create: CreateNodes,
+    /// Bare JIDs that own every node and may always create nodes.
+    pub admins: Vec<String>,
+}
+
+/// `[xmpp.component]`: connect the pubsub service to an XMPP server as an external
+/// component (XEP-0114), e.g. Prosody's `Component "pubsub.example.org"`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentSection {
+    /// The server's component port, `host:port` (Prosody and ejabberd use 5347).
+    pub server: String,
+    /// The component's address as the server knows it, e.g. `pubsub.example.org`.
+    pub jid: String,
+    /// The shared secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ComponentSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComponentSection")
+            .field("server", &self.server)
+            .field("jid", &self.jid)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Default for XmppConfig {
@@ -211,6 +262,9 @@ impl Default for XmppConfig {
             idle_timeout_secs: juxta_bridge_xmpp::server::DEFAULT_IDLE_TIMEOUT.as_secs(),
             max_stanza_bytes: juxta_bridge_xmpp::DEFAULT_MAX_STANZA_BYTES,
             max_bytes_per_sec: juxta_bridge_xmpp::server::DEFAULT_MAX_BYTES_PER_SEC,
+            max_queued_stanzas: juxta_bridge_xmpp::link::DEFAULT_LINK_CAPACITY,
+            pubsub: PubSubSection::default(),
+            component: None,
         }
     }
 }
@@ -358,6 +412,37 @@ impl Config {
             x.max_stanza_bytes >= 4096,
             "xmpp.max_stanza_bytes must be at least 4096"
         );
+        anyhow::ensure!(
+            (1..=1 << 20).contains(&x.max_queued_stanzas),
+            "xmpp.max_queued_stanzas must be between 1 and 1048576"
+        );
+        for a in &x.pubsub.admins {
+            let ok = a
+                .parse::<juxta_bridge_xmpp::Jid>()
+                .is_ok_and(|j| j.is_bare() && j.local().is_some());
+            anyhow::ensure!(
+                ok,
+                "xmpp.pubsub.admins: {a:?} is not a bare JID like user@domain"
+            );
+        }
+        if let Some(c) = &x.component {
+            anyhow::ensure!(
+                juxta_bridge_xmpp::Jid::domain_jid(&c.jid).is_ok(),
+                "xmpp.component.jid {:?} is not a valid XMPP domain",
+                c.jid
+            );
+            anyhow::ensure!(
+                c.server
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                "xmpp.component.server must be host:port, not {:?}",
+                c.server
+            );
+            anyhow::ensure!(
+                !c.secret.is_empty(),
+                "xmpp.component.secret must not be empty"
+            );
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| anyhow::anyhow!("log.level {:?}: {e}", self.log.level))?;
         Ok(())
@@ -371,6 +456,9 @@ impl Config {
         }
         if c.auth.jwt_secret.is_some() {
             c.auth.jwt_secret = Some("<redacted>".into());
+        }
+        if let Some(comp) = &mut c.xmpp.component {
+            comp.secret = "<redacted>".into();
         }
         toml::to_string_pretty(&c)
             .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))

@@ -97,8 +97,39 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_nofile_limit();
     let shutdown = CancellationToken::new();
     let gw = Gateway::build(&cfg, shutdown.clone())?;
+    let router = Arc::new(juxta_bridge_xmpp::router::Router::new());
+    let pubsub = pubsub_service(&cfg, &gw, router.clone())?;
+    pubsub.start().await.context("loading XMPP subscriptions")?;
+    if let Some(c) = &cfg.xmpp.component {
+        let jid = juxta_bridge_xmpp::Jid::domain_jid(&c.jid)
+            .map_err(|e| anyhow::anyhow!("xmpp.component.jid: {e}"))?;
+        let mut component = juxta_bridge_xmpp::component::ComponentConfig::new(
+            c.server.clone(),
+            jid,
+            c.secret.clone(),
+        );
+        component.limits = juxta_bridge_xmpp::Limits {
+            max_stanza_bytes: cfg.xmpp.max_stanza_bytes,
+            ..Default::default()
+        };
+        component
+            .validate()
+            .map_err(|e| anyhow::anyhow!("xmpp.component: {e}"))?;
+        tracing::info!(server = %c.server, jid = %c.jid, "attaching the pubsub service as an external component");
+        tokio::spawn(juxta_bridge_xmpp::component::run(
+            component,
+            Arc::new(pubsub.clone()),
+            gw.xmpp_metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     if cfg.xmpp.enabled {
-        let xmpp = xmpp_config(&cfg, gw.xmpp_metrics.clone())?;
+        let mut xmpp = xmpp_config(&cfg, gw.xmpp_metrics.clone(), router)?;
+        // Local clients reach the service at pubsub.<domain> even when it is also a
+        // component of another server under another name.
+        let local_jid = juxta_bridge_xmpp::Jid::domain_jid(&format!("pubsub.{}", cfg.xmpp.domain))
+            .map_err(|e| anyhow::anyhow!("pubsub address: {e}"))?;
+        xmpp.service = Some((local_jid, Arc::new(pubsub.clone())));
         let tcp = bind(cfg.xmpp.listen)
             .with_context(|| format!("binding XMPP to {}", cfg.xmpp.listen))?;
         let addr = tcp.local_addr()?;
@@ -157,6 +188,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 fn xmpp_config(
     cfg: &Config,
     metrics: Arc<juxta_bridge_xmpp::metrics::Metrics>,
+    router: Arc<juxta_bridge_xmpp::router::Router>,
 ) -> anyhow::Result<juxta_bridge_xmpp::server::ServerConfig> {
     use juxta_bridge_xmpp::tls::{ALPN_XMPP_CLIENT, Identity};
     let x = &cfg.xmpp;
@@ -178,7 +210,48 @@ fn xmpp_config(
         limits,
         max_bytes_per_sec: x.max_bytes_per_sec,
         metrics,
+        link_capacity: x.max_queued_stanzas,
+        router,
+        service: None,
     })
+}
+
+/// The XEP-0060 service: at `pubsub.<xmpp.domain>` for local clients, or at the
+/// component's address when one is configured.
+fn pubsub_service(
+    cfg: &Config,
+    gw: &Gateway,
+    router: Arc<juxta_bridge_xmpp::router::Router>,
+) -> anyhow::Result<juxta_bridge_xmpp::pubsub::PubSub> {
+    use juxta_bridge_xmpp::pubsub::{CreatePolicy, PubSub, PubSubConfig};
+    let x = &cfg.xmpp;
+    let mut local_domains = vec![x.domain.clone()];
+    let jid = match &x.component {
+        Some(c) => {
+            if let Some((_, parent)) = c.jid.split_once('.') {
+                local_domains.push(parent.to_owned());
+            }
+            c.jid.clone()
+        }
+        None => format!("pubsub.{}", x.domain),
+    };
+    let config = PubSubConfig {
+        jid: juxta_bridge_xmpp::Jid::domain_jid(&jid)
+            .map_err(|e| anyhow::anyhow!("pubsub address {jid:?}: {e}"))?,
+        local_domains,
+        c2s_domain: x.domain.clone(),
+        create: match x.pubsub.create {
+            crate::config::CreateNodes::Local => CreatePolicy::Local,
+            crate::config::CreateNodes::Admins => CreatePolicy::Admins,
+        },
+        admins: x.pubsub.admins.clone(),
+    };
+    Ok(PubSub::new(
+        config,
+        gw.shared.bus.clone(),
+        router,
+        gw.xmpp_metrics.clone(),
+    ))
 }
 
 /// Accept backlog: a burst of thousands of subscribers connecting at once should queue in the
