@@ -10,13 +10,19 @@
 //! - [`WsClient`] (`ws`): the `/api/v1/ws` protocol — send an op, receive the next JSON message
 //!   with a timeout.
 //! - [`SseClient`] / [`SseFrame`] (`sse`): `/api/v1/nodes/{node}/events` parsed into frames.
+//! - [`interop`]: slixmpp, an XMPP client library we did not write, run step by step.
 //! - `sys`: the few OS calls the harness needs (signals, `RLIMIT_NOFILE`, RSS from `/proc`).
+//! - [`prosody`]: a real Prosody from Debian on free local ports, with an external component
+//!   and users, for the XEP-0114 tests; [`prosody::require_prosody`] installs it or says why a
+//!   test is skipped.
 //!
 //! Data moves one way: a test starts a [`Server`], builds clients from its URLs and admin key,
 //! and asserts on what the clients receive. Nothing here knows the gateway's internals.
 #![warn(missing_docs)]
 
 mod api;
+pub mod interop;
+pub mod prosody;
 mod server;
 mod sse;
 mod sys;

@@ -247,25 +247,9 @@ async fn given_direct_tls_when_a_client_connects_then_plain_is_offered_at_once_a
     Ok(())
 }
 
-/// The Python that has slixmpp: `$JUXTA_INTEROP_PYTHON` (set by `tests/run.sh`, which installs
-/// it), else `python3` if it can import slixmpp.
-fn interop_python() -> Result<String> {
-    let candidate = std::env::var("JUXTA_INTEROP_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&candidate)
-        .args(["-c", "import slixmpp"])
-        .status()
-        .is_ok_and(|s| s.success());
-    ensure!(
-        ok,
-        "{candidate} cannot import slixmpp: run `bash tests/run.sh` (it installs it), or set \
-         JUXTA_INTEROP_PYTHON to a Python that has slixmpp"
-    );
-    Ok(candidate)
-}
-
 #[tokio::test]
 async fn slixmpp_logs_in_with_scram_over_starttls_and_gets_ping_and_disco_answers() -> Result<()> {
-    let python = interop_python()?;
+    let python = juxta_tests::interop::python()?;
     let server = Server::start_default().await?;
     server
         .api()

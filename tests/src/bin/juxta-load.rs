@@ -10,6 +10,11 @@
 //!   time minus `t` (client and server share this machine's clock).
 //! - `durable-publish`: `--publishers` clients each do back-to-back single-item POSTs for
 //!   `--duration` seconds (or until `--items`), reporting acknowledged items/s and latency.
+//! - `xmpp` (module `xmpp`): `--subscribers` XMPP clients log in over c2s (STARTTLS, SASL
+//!   PLAIN, bind, presence), subscribe to one XEP-0060 node and receive `--items` items
+//!   published over XMPP (or REST), against juxta or, for comparison, a Prosody started here
+//!   (module `prosody`); reports deliveries/s, latency, loss, duplicates and the server's
+//!   RSS per idle authenticated session.
 //!
 //! Everything is bounded: subscriber and publisher counts are fixed, there are no unbounded
 //! queues, and every phase ends by item count or timeout.
@@ -42,6 +47,13 @@ use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control as WsControl, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 
+// The crate root's modules live beside it; these two are in `juxta-load/` so that cargo does
+// not take them for binaries of their own.
+#[path = "juxta-load/prosody.rs"]
+mod prosody;
+#[path = "juxta-load/xmpp.rs"]
+mod xmpp;
+
 /// Highest latency the histograms hold, in microseconds (larger samples are clamped).
 const MAX_LATENCY_US: u64 = 120_000_000;
 /// Significant figures of the latency histograms: 1 % resolution keeps one per-subscriber
@@ -60,6 +72,8 @@ enum Mode {
     Fanout,
     /// Durable publish throughput: back-to-back single-item POSTs.
     DurablePublish,
+    /// XMPP pubsub fan-out: c2s subscribers on one XEP-0060 node.
+    Xmpp,
 }
 
 #[derive(Debug, Parser)]
@@ -78,8 +92,8 @@ struct Args {
     /// Target an already running server at this base URL instead of spawning one.
     #[arg(long)]
     url: Option<String>,
-    /// The pid of the server given by --url, to read its RSS from /proc.
-    #[arg(long, requires = "url")]
+    /// The pid of the server given by --url or --xmpp, to read its RSS and CPU from /proc.
+    #[arg(long, alias = "server-pid")]
     pid: Option<u32>,
     /// Token for --url (admin key, or a JWT allowed to create, publish and subscribe).
     #[arg(long, env = "JUXTA_TOKEN", hide_env_values = true)]
@@ -100,16 +114,18 @@ struct Args {
     /// The node's max_items (history size).
     #[arg(long, default_value_t = 1000)]
     max_items: u64,
-    /// WebSocket subscribers (fanout).
+    /// Subscribers: WebSocket (fanout) or XMPP (xmpp).
     #[arg(long, short = 's', default_value_t = 100)]
     subscribers: usize,
-    /// Items to publish (fanout default 10000; durable-publish: a cap besides --duration).
+    /// Items to publish (fanout default 10000, xmpp 1000; durable-publish: a cap besides
+    /// --duration).
     #[arg(long, short = 'm')]
     items: Option<u64>,
     /// Target publish rate in items/s across all publishers; 0 = as fast as possible.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
-    /// Concurrent HTTP publishers (default 4 for fanout, 16 for durable-publish).
+    /// Concurrent publishers: HTTP clients (default 4 for fanout, 16 for durable-publish, 4
+    /// for xmpp with --publisher rest) or XMPP connections (default 1).
     #[arg(long, short = 'p')]
     publishers: Option<usize>,
     /// Items per request: 1 = `POST /nodes/{node}/items`, N > 1 = `POST /api/v1/publish`.
@@ -118,7 +134,8 @@ struct Args {
     /// Payload size in bytes (the JSON payload is padded to about this size).
     #[arg(long, default_value_t = 256)]
     size: usize,
-    /// WebSocket connections opened in parallel per batch.
+    /// WebSocket or XMPP connections opened (and XMPP subscriptions made) in parallel per
+    /// batch.
     #[arg(long, default_value_t = 200)]
     connect_batch: usize,
     /// durable-publish: run for this many seconds (default 10 unless --items is given).
@@ -136,6 +153,45 @@ struct Args {
     /// Print one JSON object instead of the human-readable report.
     #[arg(long)]
     json: bool,
+    /// xmpp: which server to measure. `prosody` starts Debian's `prosody` (see --prosody) with
+    /// a generated configuration unless --xmpp names a running one.
+    #[arg(long, value_enum, default_value_t = xmpp::ServerKind::Juxta)]
+    server: xmpp::ServerKind,
+    /// xmpp: the c2s address of an already running server (default: the one spawned here).
+    #[arg(long, value_name = "HOST:PORT")]
+    xmpp: Option<String>,
+    /// xmpp: the XMPP domain; the pubsub service is `pubsub.<domain>`.
+    #[arg(long, default_value = "localhost")]
+    domain: String,
+    /// xmpp: how items are published: over an XMPP c2s stream (both servers) or over juxta's
+    /// REST API.
+    #[arg(long, value_enum, default_value_t = xmpp::PublisherKind::Xmpp)]
+    publisher: xmpp::PublisherKind,
+    /// xmpp: subscriber accounts are `<prefix>0` … `<prefix>S-1` (created unless the server
+    /// was given with --xmpp and no --url).
+    #[arg(long, default_value = "u")]
+    accounts_prefix: String,
+    /// xmpp: the password of every account.
+    #[arg(long, default_value = "pw")]
+    password: String,
+    /// xmpp: the publishing account; it creates the node over XMPP and owns it (a Prosody
+    /// started here lists it in `admins`, which its pubsub needs to create nodes).
+    #[arg(long, default_value = "bench")]
+    publisher_account: String,
+    /// xmpp: publishes an XMPP publisher may have sent and not yet had answered.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// xmpp: only log the subscribers in and measure the server's RSS per idle authenticated
+    /// session; no subscribing or publishing.
+    #[arg(long)]
+    idle_rss: bool,
+    /// xmpp with --idle-rss: how far the subscribers negotiate before idling (stream, tls,
+    /// authenticated, bound), to see what each step costs the server in memory.
+    #[arg(long, value_enum, default_value_t = xmpp::Stage::Bound)]
+    login_stage: xmpp::Stage,
+    /// xmpp: the Prosody executable for --server prosody.
+    #[arg(long, default_value = "prosody")]
+    prosody: PathBuf,
 }
 
 fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
@@ -149,6 +205,8 @@ struct Target {
     base_url: String,
     token: String,
     pid: Option<u32>,
+    /// The c2s listener of a spawned server.
+    xmpp_addr: Option<std::net::SocketAddr>,
     /// Keeps a spawned server alive (and kills it on drop).
     _server: Option<Server>,
 }
@@ -203,7 +261,16 @@ async fn run(args: Args) -> Result<()> {
             nofile.now, args.subscribers
         );
     }
-    let target = connect_target(&args).await?;
+    if args.mode == Mode::Xmpp {
+        let report = xmpp::run(&args).await?;
+        if args.json {
+            println!("{report}");
+        } else {
+            xmpp::print_human(&report);
+        }
+        return Ok(());
+    }
+    let target = connect_target(&args, &[]).await?;
     let node = args
         .node
         .clone()
@@ -218,6 +285,7 @@ async fn run(args: Args) -> Result<()> {
     let report = match args.mode {
         Mode::Fanout => fanout(&args, &target, &node).await?,
         Mode::DurablePublish => durable_publish(&args, &target, &node).await?,
+        Mode::Xmpp => unreachable!("handled above"),
     };
     if args.node.is_none() {
         // Our own node: leave no trace on a shared server.
@@ -231,7 +299,9 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-async fn connect_target(args: &Args) -> Result<Target> {
+/// The server given by --url, or a spawned one with `defaults` (then --env) in its
+/// environment.
+async fn connect_target(args: &Args, defaults: &[(&str, &str)]) -> Result<Target> {
     if let Some(url) = &args.url {
         let token = args
             .token
@@ -241,10 +311,14 @@ async fn connect_target(args: &Args) -> Result<Target> {
             base_url: url.trim_end_matches('/').to_owned(),
             token,
             pid: args.pid,
+            xmpp_addr: None,
             _server: None,
         });
     }
     let mut options = ServerOptions::new();
+    for (k, v) in defaults {
+        options = options.env(k, v);
+    }
     if let Some(path) = &args.juxta {
         options = options.binary(path);
     }
@@ -262,6 +336,7 @@ async fn connect_target(args: &Args) -> Result<Target> {
         base_url: server.base_url(),
         token: server.admin_key().to_owned(),
         pid: Some(server.pid()),
+        xmpp_addr: server.xmpp_addr(),
         _server: Some(server),
     })
 }
@@ -289,6 +364,16 @@ impl Errors {
         self.total += 1;
         if self.kinds.len() < MAX_ERROR_KINDS || self.kinds.contains_key(&what) {
             *self.kinds.entry(what).or_default() += 1;
+        }
+    }
+
+    /// Adds `other`'s tally; kinds beyond the bound count only in the total.
+    fn merge(&mut self, other: Errors) {
+        self.total += other.total;
+        for (what, n) in other.kinds {
+            if self.kinds.len() < MAX_ERROR_KINDS || self.kinds.contains_key(&what) {
+                *self.kinds.entry(what).or_default() += n;
+            }
         }
     }
 
@@ -872,10 +957,11 @@ struct PublishStats {
     errors: Errors,
 }
 
-/// `{"t":<now ns>,"pad":"…"}` padded to about `size` bytes.
-fn payload(size: usize, pad: &str) -> String {
+/// `{"t":<now ns>,"i":<seq>,"pad":"…"}` padded to about `size` bytes. `seq` numbers the
+/// items of a run from 0, so that a subscriber can tell which ones it got (xmpp mode).
+fn payload(size: usize, pad: &str, seq: u64) -> String {
     let t = unix_nanos();
-    let head = format!("{{\"t\":{t},\"pad\":\"");
+    let head = format!("{{\"t\":{t},\"i\":{seq},\"pad\":\"");
     let room = size.saturating_sub(head.len() + 2).min(pad.len());
     format!("{head}{}\"}}", &pad[..room])
 }
@@ -938,15 +1024,15 @@ async fn publish_paced(
                 let (url, body) = if batch == 1 {
                     (
                         &single_url,
-                        format!("{{\"payload\":{}}}", payload(size, &pad)),
+                        format!("{{\"payload\":{}}}", payload(size, &pad, k)),
                     )
                 } else {
                     let list: Vec<String> = (0..in_this)
-                        .map(|_| {
+                        .map(|j| {
                             format!(
                                 "{{\"node\":{},\"payload\":{}}}",
                                 Value::from(node.as_str()),
-                                payload(size, &pad)
+                                payload(size, &pad, k * batch + j)
                             )
                         })
                         .collect();
@@ -1221,22 +1307,24 @@ async fn durable_publish(args: &Args, target: &Target, node: &str) -> Result<Val
         tasks.push(tokio::spawn(async move {
             let mut latency = new_histogram()?;
             let mut acked = 0u64;
-            while deadline.is_none_or(|d| Instant::now() < d)
-                && claimed.fetch_add(batch as u64, Ordering::Relaxed) < cap
-            {
+            loop {
+                let first = claimed.fetch_add(batch as u64, Ordering::Relaxed);
+                if deadline.is_some_and(|d| Instant::now() >= d) || first >= cap {
+                    break;
+                }
                 let body = if batch > 1 {
                     // POST /api/v1/publish: `batch` items, one durable commit.
-                    let items: Vec<String> = (0..batch)
-                        .map(|_| {
+                    let items: Vec<String> = (0..batch as u64)
+                        .map(|j| {
                             format!(
                                 "{{\"node\":{node_json},\"payload\":{}}}",
-                                payload(size, &pad)
+                                payload(size, &pad, first + j)
                             )
                         })
                         .collect();
                     format!("{{\"items\":[{}]}}", items.join(","))
                 } else {
-                    format!("{{\"payload\":{}}}", payload(size, &pad))
+                    format!("{{\"payload\":{}}}", payload(size, &pad, first))
                 };
                 let sent = Instant::now();
                 let result = http
@@ -1701,9 +1789,10 @@ mod tests {
     #[test]
     fn given_a_size_when_a_payload_is_built_then_it_is_json_of_about_that_size() {
         let pad = "x".repeat(1000);
-        let p = payload(256, &pad);
+        let p = payload(256, &pad, 7);
         let v: Value = serde_json::from_str(&p).expect("payload is JSON");
         assert!(v["t"].is_u64());
+        assert_eq!(v["i"], 7);
         assert!((250..=258).contains(&p.len()), "{} bytes", p.len());
     }
 }

@@ -1,0 +1,74 @@
+//! Driving XMPP clients we did not write: slixmpp (installed by `tests/run.sh` into a
+//! virtualenv named by `$JUXTA_INTEROP_PYTHON`) running `tests/interop/slixmpp_steps.py`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+
+/// The Python that has slixmpp: `$JUXTA_INTEROP_PYTHON` (set by `tests/run.sh`, which
+/// installs it), else `python3` if it can import slixmpp.
+pub fn python() -> Result<String> {
+    let candidate = std::env::var("JUXTA_INTEROP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&candidate)
+        .args(["-c", "import slixmpp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    ensure!(
+        ok,
+        "{candidate} cannot import slixmpp: run `bash tests/run.sh` (it installs it), or set \
+         JUXTA_INTEROP_PYTHON to a Python that has slixmpp"
+    );
+    Ok(candidate)
+}
+
+/// A running `slixmpp_steps.py`: logs in as `jid` over STARTTLS (verifying the server's
+/// certificate against `ca`) and runs `steps` (see the script's doc).
+#[derive(Debug)]
+pub struct Slixmpp {
+    child: tokio::process::Child,
+}
+
+impl Slixmpp {
+    /// Starts the script.
+    pub fn start(
+        addr: SocketAddr,
+        jid: &str,
+        password: &str,
+        ca: &Path,
+        steps: &Value,
+    ) -> Result<Self> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/slixmpp_steps.py");
+        let child = tokio::process::Command::new(python()?)
+            .arg(script)
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .arg(jid)
+            .arg(password)
+            .arg(ca)
+            .arg(steps.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting slixmpp")?;
+        Ok(Self { child })
+    }
+
+    /// Waits for the report: whether every step succeeded, and the report itself.
+    pub async fn finish(self, limit: Duration) -> Result<(bool, Value)> {
+        let out = tokio::time::timeout(limit, self.child.wait_with_output())
+            .await
+            .context("slixmpp did not finish in time")??;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+            format!(
+                "slixmpp printed no report: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((out.status.success(), report))
+    }
+}
