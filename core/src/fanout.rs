@@ -543,7 +543,10 @@ mod tests {
             .await
             .expect("subscribe");
         publish(&bus, &n, 10).await;
-        assert!(sub.try_next().is_none(), "the first lag is noticed, not delivered");
+        assert!(
+            sub.try_next().is_none(),
+            "the first lag is noticed, not delivered"
+        );
         publish(&bus, &n, 5).await;
         let got = take(&mut sub, 15).await;
         assert_eq!(offsets(&got), (1..=15).collect::<Vec<_>>(), "{got:?}");
