@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use juxta_core::Store;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -254,6 +254,53 @@ impl AsyncWrite for Conn {
     }
 }
 
+impl Conn {
+    /// Waits until the socket has bytes to read (or an error or EOF to report).
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.readable().await,
+            Conn::Tls(s) => s.get_ref().0.readable().await,
+            Conn::Upgrading => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Reads what is there without waiting; `None` when nothing is. TLS may hold decrypted
+    /// bytes the socket no longer signals, so callers read until `None` before waiting for
+    /// [`Conn::readable`] again.
+    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut rb = ReadBuf::new(buf);
+        match Pin::new(self).poll_read(&mut cx, &mut rb) {
+            Poll::Ready(Ok(())) => Ok(Some(rb.filled().len())),
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(None),
+        }
+    }
+}
+
+/// What one [`read_into_session`] found.
+enum Read {
+    Bytes(usize),
+    Eof,
+    Nothing,
+}
+
+/// Reads what the socket holds into `session`. The buffer lives on the thread's stack for
+/// the duration of the call only, so an idle connection holds no read buffer of its own.
+#[inline(never)]
+fn read_into_session(conn: &mut Conn, session: &mut Session) -> io::Result<Read> {
+    let mut buf = [0u8; READ_CHUNK];
+    Ok(match conn.read_now(&mut buf)? {
+        None => Read::Nothing,
+        Some(0) => Read::Eof,
+        Some(n) => {
+            session.handle_bytes(&buf[..n]);
+            Read::Bytes(n)
+        }
+    })
+}
+
 fn random_token() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
@@ -276,7 +323,7 @@ async fn connection(
         Transport::DirectTls => {
             c2s.already_tls = true;
             let acceptor = tokio_rustls::TlsAcceptor::from(config.tls.clone());
-            let tls = tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp))
+            let tls = tokio::time::timeout_at(handshake_deadline, Box::pin(acceptor.accept(tcp)))
                 .await
                 .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
             Conn::Tls(Box::new(tls))
@@ -284,10 +331,23 @@ async fn connection(
     };
     let mut session = Session::new(c2s, Box::new(random_token), secret)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let mut buf = vec![0u8; READ_CHUNK];
     let mut budget = ReadBudget::new(config.max_bytes_per_sec, tokio::time::Instant::now());
-    // Set once bound: the session's address and the queue others deliver to.
-    let mut bound: Option<(Jid, Link, mpsc::Receiver<Outbound>)> = None;
+    // Set once bound: the session's address, the queue others deliver to, and the signal
+    // that the queue overflowed.
+    let mut bound: Option<Bound> = None;
+    // The futures every pass waits on are made once, not once per pass: under fan-out a
+    // session wakes about once per notification.
+    let shutdown = shutdown.cancelled_owned();
+    tokio::pin!(shutdown);
+    let mut shutting_down = false;
+    // One timer for both timeouts. It may fire early (activity moved the idle deadline on
+    // without re-arming it); then it is re-armed for the real deadline.
+    let timer = tokio::time::sleep_until(handshake_deadline);
+    tokio::pin!(timer);
+    let mut timed_out = false;
+    let mut last_read = tokio::time::Instant::now();
+    // Whether bytes may be waiting without the socket saying so (decrypted TLS data).
+    let mut may_read = true;
     let result = async {
         loop {
             // Do everything the session asked for before reading again.
@@ -303,11 +363,17 @@ async fn connection(
                             return Err(io::Error::other("STARTTLS on a stream that is not plain"));
                         };
                         let acceptor = tokio_rustls::TlsAcceptor::from(config.tls.clone());
-                        let tls = tokio::time::timeout_at(handshake_deadline, acceptor.accept(tcp))
-                            .await
-                            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                        // Boxed: the handshake's state would otherwise enlarge every
+                        // connection's task for its whole life.
+                        let tls = tokio::time::timeout_at(
+                            handshake_deadline,
+                            Box::pin(acceptor.accept(tcp)),
+                        )
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
                         conn = Conn::Tls(Box::new(tls));
                         session.handle_tls_established();
+                        may_read = true;
                     }
                     Output::LookupCredentials(user) => {
                         let account = match store.account(&user).await {
@@ -332,7 +398,13 @@ async fn connection(
                         tracing::debug!(%peer, %jid, "xmpp: bound");
                         let (link, rx) = Link::new(config.link_capacity, ns::JABBER_CLIENT);
                         config.router.register(&jid, link.clone());
-                        bound = Some((jid, link, rx));
+                        let overloaded = Box::pin(link.overloaded().clone().cancelled_owned());
+                        bound = Some(Bound {
+                            jid,
+                            link,
+                            rx,
+                            overloaded,
+                        });
                     }
                     Output::Stanza(stanza) => {
                         let kind = match *stanza {
@@ -346,9 +418,7 @@ async fn connection(
                             .get_or_create(&KindLabels { kind })
                             .inc();
                         match &bound {
-                            Some((jid, link, _)) => {
-                                route(&config, &mut session, jid, link, *stanza).await;
-                            }
+                            Some(b) => route(&config, &mut session, &b.jid, &b.link, *stanza).await,
                             None => unroutable(&mut session, *stanza),
                         }
                     }
@@ -358,60 +428,92 @@ async fn connection(
                     }
                 }
             }
-            let deadline = if bound.is_some() {
-                tokio::time::Instant::now() + config.idle_timeout
-            } else {
-                handshake_deadline
-            };
+            if may_read {
+                let failures = session.auth_failures();
+                match read_into_session(&mut conn, &mut session)? {
+                    Read::Eof => return Ok(()),
+                    Read::Bytes(n) => {
+                        config.metrics.bytes_in.inc_by(n as u64);
+                        let now = tokio::time::Instant::now();
+                        last_read = now;
+                        let wait = budget.spend(n, now);
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        config
+                            .metrics
+                            .auth_failures
+                            .inc_by(u64::from(session.auth_failures() - failures));
+                        continue;
+                    }
+                    Read::Nothing => may_read = false,
+                }
+            }
             let queued = async {
                 match &mut bound {
-                    Some((_, link, rx)) => tokio::select! {
-                        out = rx.recv() => Some(out),
-                        _ = link.overloaded().cancelled() => None,
+                    Some(b) => tokio::select! {
+                        out = b.rx.recv() => Some(out),
+                        _ = &mut b.overloaded => None,
                     },
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                _ = shutdown.cancelled() => session.shutdown(),
+                _ = &mut shutdown, if !shutting_down => {
+                    shutting_down = true;
+                    session.shutdown();
+                }
                 q = queued => match q {
                     Some(Some(first)) => {
-                        let Some((_, _, rx)) = &mut bound else { continue };
-                        write_queued(&mut conn, first, rx, &config.metrics).await?;
+                        let Some(b) = &mut bound else { continue };
+                        write_queued(&mut conn, first, &mut b.rx, &config.metrics).await?;
                     }
                     Some(None) => {}
                     None => {
                         config.metrics.overloaded.inc();
                         tracing::info!(%peer, "xmpp: closing a session that does not read its stanzas");
                         session.overloaded();
-                    }
-                },
-                r = tokio::time::timeout_at(deadline, conn.read(&mut buf)) => match r {
-                    Ok(Ok(0)) => return Ok(()),
-                    Ok(Ok(n)) => {
-                        config.metrics.bytes_in.inc_by(n as u64);
-                        let wait = budget.spend(n, tokio::time::Instant::now());
-                        if !wait.is_zero() {
-                            tokio::time::sleep(wait).await;
+                        // Once: the token stays cancelled.
+                        if let Some(b) = &mut bound {
+                            b.overloaded = Box::pin(CancellationToken::new().cancelled_owned());
                         }
-                        let failures = session.auth_failures();
-                        session.handle_bytes(&buf[..n]);
-                        config.metrics.auth_failures.inc_by(u64::from(session.auth_failures() - failures));
-                    }
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => {
-                        tracing::debug!(%peer, bound = bound.is_some(), "xmpp: connection timed out");
-                        session.timed_out();
                     }
                 },
+                r = conn.readable() => {
+                    r?;
+                    may_read = true;
+                }
+                () = &mut timer, if !timed_out => {
+                    let deadline = if bound.is_some() {
+                        last_read + config.idle_timeout
+                    } else {
+                        handshake_deadline
+                    };
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::debug!(%peer, bound = bound.is_some(), "xmpp: connection timed out");
+                        timed_out = true;
+                        session.timed_out();
+                    } else {
+                        timer.as_mut().reset(deadline);
+                    }
+                }
             }
         }
     }
     .await;
-    if let Some((jid, link, _)) = &bound {
-        config.router.unregister(jid, link);
+    if let Some(b) = &bound {
+        config.router.unregister(&b.jid, &b.link);
     }
     result
+}
+
+/// A bound session's delivery side.
+struct Bound {
+    jid: Jid,
+    link: Link,
+    rx: mpsc::Receiver<Outbound>,
+    /// Completes when `link` overflowed.
+    overloaded: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 /// Most bytes gathered from the queue into one write.

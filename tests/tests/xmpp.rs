@@ -375,3 +375,94 @@ async fn given_hostile_xml_then_that_stream_ends_with_the_right_error_and_others
     );
     Ok(())
 }
+
+/// Logs `user` in over STARTTLS with PLAIN and binds a resource; returns the bound stream.
+async fn bound_session(
+    server: &Server,
+    user: &str,
+    password: &str,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let (mut tls, _) = connect_tls(server).await?;
+    send(&mut tls, &plain(user, password)).await?;
+    read_until(&mut tls, "<success").await?;
+    send(&mut tls, HEADER).await?;
+    read_until(&mut tls, "</stream:features>").await?;
+    send(
+        &mut tls,
+        "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>",
+    )
+    .await?;
+    read_until(&mut tls, "</iq>").await?;
+    Ok(tls)
+}
+
+#[tokio::test]
+async fn given_short_timeouts_then_a_stalled_handshake_and_a_silent_session_end_with_connection_timeout_while_a_pinging_one_stays()
+-> Result<()> {
+    let server = Server::start(
+        ServerOptions::new()
+            .env("JUXTA_XMPP__HANDSHAKE_TIMEOUT_SECS", "2")
+            .env("JUXTA_XMPP__IDLE_TIMEOUT_SECS", "3"),
+    )
+    .await?;
+    server
+        .api()
+        .call(
+            Method::PUT,
+            "/api/v1/accounts/alice",
+            Some(&json!({"password": "pencil"})),
+        )
+        .await?
+        .expect(201)?;
+    let addr = server.xmpp_addr().context("no XMPP address")?;
+
+    // Opens a stream, then says nothing: the handshake timeout ends it.
+    let started = tokio::time::Instant::now();
+    let mut stalled = TcpStream::connect(addr).await?;
+    send(&mut stalled, HEADER).await?;
+    let got = read_until(&mut stalled, "</stream:stream>").await?;
+    let waited = started.elapsed();
+    ensure!(
+        got.contains("<connection-timeout"),
+        "stalled handshake: {got}"
+    );
+    ensure!(
+        waited >= Duration::from_millis(1900),
+        "ended after {waited:?}, before the 2 s handshake timeout"
+    );
+
+    // Two bound sessions: one pings every second, the other stays silent.
+    let mut silent = bound_session(&server, "alice", "pencil").await?;
+    let mut pinging = bound_session(&server, "alice", "pencil").await?;
+    let silent_since = tokio::time::Instant::now();
+    let silent_end = tokio::spawn(async move {
+        let got = read_until(&mut silent, "</stream:stream>").await;
+        (got, silent_since.elapsed())
+    });
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        send(
+            &mut pinging,
+            &format!(
+                "<iq type='get' id='ping{i}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+            ),
+        )
+        .await?;
+        read_until(&mut pinging, &format!("ping{i}")).await?;
+    }
+    let (got, waited) = silent_end.await?;
+    let got = got?;
+    ensure!(got.contains("<connection-timeout"), "silent session: {got}");
+    ensure!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(6),
+        "the silent session ended after {waited:?}; idle timeout 3 s"
+    );
+    // 6 s of pings, past twice the idle timeout, and the pinging session still answers.
+    send(
+        &mut pinging,
+        "<iq type='get' id='last' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await?;
+    read_until(&mut pinging, "last").await?;
+    Ok(())
+}
