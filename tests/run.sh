@@ -36,6 +36,17 @@ if ! "$venv/bin/python" -c "import slixmpp" 2>/dev/null; then
 fi
 export JUXTA_INTEROP_PYTHON="$venv/bin/python"
 
+# xmpp.js (@xmpp/client from npm, pinned by tests/interop/package-lock.json), the client the
+# XMPP-over-WebSocket tests drive; Node.js and npm from Debian when missing.
+if ! command -v npm >/dev/null; then
+  log "installing Node.js and npm from Debian"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
+fi
+if ! (cd tests/interop && node --experimental-websocket -e "require('@xmpp/client')" 2>/dev/null); then
+  log "installing xmpp.js into tests/interop/node_modules"
+  (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
 # Prosody, the XMPP server the external component tests (tests/tests/xmpp_component.rs) attach
 # juxta to. Installed from Debian when missing and we are root; otherwise those tests print that
 # they are skipped (and fail under CI=true). The tests run their own Prosody on free ports, so a

@@ -364,6 +364,15 @@ impl Session {
         }
     }
 
+    /// Ends the stream because the transport carried bad input the session never saw (an
+    /// RFC 7395 WebSocket message that is not one well-formed element, say): the stream
+    /// error for `error`, the stream end and [`Output::Close`].
+    pub fn transport_error(&mut self, error: &StreamError) {
+        if !self.is_closed() {
+            self.fail_with(error);
+        }
+    }
+
     /// How many SASL attempts have failed on this stream so far.
     pub fn auth_failures(&self) -> u32 {
         self.failures

@@ -61,6 +61,7 @@ mod scan;
 pub mod server;
 mod stanza;
 pub mod tls;
+pub mod websocket;
 mod writer;
 
 pub use codec::{

@@ -86,14 +86,14 @@ pub const DEFAULT_MAX_BYTES_PER_SEC: u64 = 256 * 1024;
 
 /// A token bucket over bytes read: `rate` per second, holding at most one second's worth.
 #[derive(Debug)]
-struct ReadBudget {
+pub(crate) struct ReadBudget {
     rate: f64,
     tokens: f64,
     last: tokio::time::Instant,
 }
 
 impl ReadBudget {
-    fn new(rate: u64, now: tokio::time::Instant) -> Self {
+    pub(crate) fn new(rate: u64, now: tokio::time::Instant) -> Self {
         Self {
             rate: rate as f64,
             tokens: rate as f64,
@@ -102,7 +102,7 @@ impl ReadBudget {
     }
 
     /// Spends `n` bytes at `now`; returns how long to wait before reading again.
-    fn spend(&mut self, n: usize, now: tokio::time::Instant) -> Duration {
+    pub(crate) fn spend(&mut self, n: usize, now: tokio::time::Instant) -> Duration {
         if self.rate <= 0.0 {
             return Duration::ZERO;
         }
@@ -301,7 +301,64 @@ fn read_into_session(conn: &mut Conn, session: &mut Session) -> io::Result<Read>
     })
 }
 
-fn random_token() -> String {
+/// The handshake and idle timeouts of one connection, kept by one timer that may fire
+/// early: activity moves the idle deadline without re-arming the timer each time, and when
+/// the timer fires, [`Timeouts::check`] says whether to re-arm it or end the stream.
+pub(crate) struct Timeouts {
+    handshake_deadline: tokio::time::Instant,
+    idle: Duration,
+    last_read: tokio::time::Instant,
+    expired: bool,
+}
+
+impl Timeouts {
+    pub(crate) fn new(config: &ServerConfig) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            handshake_deadline: now + config.handshake_timeout,
+            idle: config.idle_timeout,
+            last_read: now,
+            expired: false,
+        }
+    }
+
+    /// When the connection must have bound a resource.
+    pub(crate) fn handshake_deadline(&self) -> tokio::time::Instant {
+        self.handshake_deadline
+    }
+
+    /// The client sent something at `now`.
+    pub(crate) fn read(&mut self, now: tokio::time::Instant) {
+        self.last_read = now;
+    }
+
+    /// Whether [`Timeouts::check`] has already said the connection timed out.
+    pub(crate) fn expired(&self) -> bool {
+        self.expired
+    }
+
+    /// The timer fired at `now`: the deadline to re-arm it for, or `None` (once) when the
+    /// connection timed out.
+    pub(crate) fn check(
+        &mut self,
+        now: tokio::time::Instant,
+        bound: bool,
+    ) -> Option<tokio::time::Instant> {
+        let deadline = if bound {
+            self.last_read + self.idle
+        } else {
+            self.handshake_deadline
+        };
+        if now >= deadline {
+            self.expired = true;
+            None
+        } else {
+            Some(deadline)
+        }
+    }
+}
+
+pub(crate) fn random_token() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
@@ -314,7 +371,8 @@ async fn connection(
     shutdown: CancellationToken,
     secret: [u8; 32],
 ) -> io::Result<()> {
-    let handshake_deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let mut timeouts = Timeouts::new(&config);
+    let handshake_deadline = timeouts.handshake_deadline();
     let mut c2s = C2sConfig::new(config.domain.clone());
     c2s.tls_required = config.tls_required;
     c2s.limits = config.limits;
@@ -332,20 +390,19 @@ async fn connection(
     let mut session = Session::new(c2s, Box::new(random_token), secret)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut budget = ReadBudget::new(config.max_bytes_per_sec, tokio::time::Instant::now());
-    // Set once bound: the session's address, the queue others deliver to, and the signal
-    // that the queue overflowed.
-    let mut bound: Option<Bound> = None;
+    let mut core = Core {
+        config: &config,
+        store: &store,
+        peer,
+        bound: None,
+    };
     // The futures every pass waits on are made once, not once per pass: under fan-out a
     // session wakes about once per notification.
     let shutdown = shutdown.cancelled_owned();
     tokio::pin!(shutdown);
     let mut shutting_down = false;
-    // One timer for both timeouts. It may fire early (activity moved the idle deadline on
-    // without re-arming it); then it is re-armed for the real deadline.
     let timer = tokio::time::sleep_until(handshake_deadline);
     tokio::pin!(timer);
-    let mut timed_out = false;
-    let mut last_read = tokio::time::Instant::now();
     // Whether bytes may be waiting without the socket saying so (decrypted TLS data).
     let mut may_read = true;
     let result = async {
@@ -375,57 +432,11 @@ async fn connection(
                         session.handle_tls_established();
                         may_read = true;
                     }
-                    Output::LookupCredentials(user) => {
-                        let account = match store.account(&user).await {
-                            Ok(a) => a,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "xmpp: account lookup failed");
-                                None
-                            }
-                        };
-                        let failures = session.auth_failures();
-                        session.handle_credentials(account);
-                        config
-                            .metrics
-                            .auth_failures
-                            .inc_by(u64::from(session.auth_failures() - failures));
-                    }
-                    Output::Authenticated(user) => {
-                        tracing::debug!(%peer, %user, "xmpp: authenticated")
-                    }
-                    Output::Bound(jid) => {
-                        config.metrics.bound.inc();
-                        tracing::debug!(%peer, %jid, "xmpp: bound");
-                        let (link, rx) = Link::new(config.link_capacity, ns::JABBER_CLIENT);
-                        config.router.register(&jid, link.clone());
-                        let overloaded = Box::pin(link.overloaded().clone().cancelled_owned());
-                        bound = Some(Bound {
-                            jid,
-                            link,
-                            rx,
-                            overloaded,
-                        });
-                    }
-                    Output::Stanza(stanza) => {
-                        let kind = match *stanza {
-                            Stanza::Iq(_) => "iq",
-                            Stanza::Message(_) => "message",
-                            Stanza::Presence(_) => "presence",
-                        };
-                        config
-                            .metrics
-                            .stanzas_in
-                            .get_or_create(&KindLabels { kind })
-                            .inc();
-                        match &bound {
-                            Some(b) => route(&config, &mut session, &b.jid, &b.link, *stanza).await,
-                            None => unroutable(&mut session, *stanza),
-                        }
-                    }
                     Output::Close => {
                         let _ = conn.shutdown().await;
                         return Ok(());
                     }
+                    other => core.handle(&mut session, other).await,
                 }
             }
             if may_read {
@@ -435,7 +446,7 @@ async fn connection(
                     Read::Bytes(n) => {
                         config.metrics.bytes_in.inc_by(n as u64);
                         let now = tokio::time::Instant::now();
-                        last_read = now;
+                        timeouts.read(now);
                         let wait = budget.spend(n, now);
                         if !wait.is_zero() {
                             tokio::time::sleep(wait).await;
@@ -449,66 +460,44 @@ async fn connection(
                     Read::Nothing => may_read = false,
                 }
             }
-            let queued = async {
-                match &mut bound {
-                    Some(b) => tokio::select! {
-                        out = b.rx.recv() => Some(out),
-                        _ = &mut b.overloaded => None,
-                    },
-                    None => std::future::pending().await,
-                }
-            };
+            let is_bound = core.bound.is_some();
             tokio::select! {
                 _ = &mut shutdown, if !shutting_down => {
                     shutting_down = true;
                     session.shutdown();
                 }
-                q = queued => match q {
-                    Some(Some(first)) => {
-                        let Some(b) = &mut bound else { continue };
-                        write_queued(&mut conn, first, &mut b.rx, &config.metrics).await?;
+                q = core.queued() => match q {
+                    Some(first) => {
+                        let mut out = Vec::with_capacity(4096);
+                        core.gather(first, &mut out);
+                        conn.write_all(&out).await?;
+                        conn.flush().await?;
                     }
-                    Some(None) => {}
-                    None => {
-                        config.metrics.overloaded.inc();
-                        tracing::info!(%peer, "xmpp: closing a session that does not read its stanzas");
-                        session.overloaded();
-                        // Once: the token stays cancelled.
-                        if let Some(b) = &mut bound {
-                            b.overloaded = Box::pin(CancellationToken::new().cancelled_owned());
-                        }
-                    }
+                    None => core.overloaded(&mut session),
                 },
                 r = conn.readable() => {
                     r?;
                     may_read = true;
                 }
-                () = &mut timer, if !timed_out => {
-                    let deadline = if bound.is_some() {
-                        last_read + config.idle_timeout
-                    } else {
-                        handshake_deadline
-                    };
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::debug!(%peer, bound = bound.is_some(), "xmpp: connection timed out");
-                        timed_out = true;
-                        session.timed_out();
-                    } else {
-                        timer.as_mut().reset(deadline);
+                () = &mut timer, if !timeouts.expired() => {
+                    match timeouts.check(tokio::time::Instant::now(), is_bound) {
+                        Some(deadline) => timer.as_mut().reset(deadline),
+                        None => {
+                            tracing::debug!(%peer, bound = is_bound, "xmpp: connection timed out");
+                            session.timed_out();
+                        }
                     }
                 }
             }
         }
     }
     .await;
-    if let Some(b) = &bound {
-        config.router.unregister(&b.jid, &b.link);
-    }
+    core.unregister();
     result
 }
 
 /// A bound session's delivery side.
-struct Bound {
+pub(crate) struct Bound {
     jid: Jid,
     link: Link,
     rx: mpsc::Receiver<Outbound>,
@@ -519,33 +508,132 @@ struct Bound {
 /// Most bytes gathered from the queue into one write.
 const MAX_WRITE_BATCH: usize = 64 * 1024;
 
-/// Writes `first` and whatever else is queued, up to [`MAX_WRITE_BATCH`], in one write:
-/// under fan-out a session's queue holds many notifications, and one TLS record and one
-/// syscall for all of them is what keeps the cost per delivery low.
-async fn write_queued(
-    conn: &mut Conn,
-    first: Outbound,
-    rx: &mut mpsc::Receiver<Outbound>,
-    metrics: &Metrics,
-) -> io::Result<()> {
-    let mut out = Vec::with_capacity(4096);
-    let mut next = Some(first);
-    while let Some(item) = next.take() {
-        match item {
-            Outbound::Bytes(b) => out.extend_from_slice(&b),
-            Outbound::Shared { stanza, to } => {
-                for chunk in stanza.addressed_to(&to).chunks() {
-                    out.extend_from_slice(chunk);
+/// What a c2s driver does whatever its transport (TCP or RFC 7395 WebSocket): look
+/// accounts up, register the bound resource, route stanzas, and drain the resource's queue.
+pub(crate) struct Core<'a> {
+    pub(crate) config: &'a ServerConfig,
+    pub(crate) store: &'a Arc<dyn Store>,
+    pub(crate) peer: SocketAddr,
+    /// Set once bound: the session's address, the queue others deliver to, and the signal
+    /// that the queue overflowed.
+    pub(crate) bound: Option<Bound>,
+}
+
+impl Core<'_> {
+    /// Carries out an output that is not about the transport; `Send`, `StartTls` and
+    /// `Close` are the driver's and are ignored here.
+    pub(crate) async fn handle(&mut self, session: &mut Session, out: Output) {
+        let config = self.config;
+        match out {
+            Output::LookupCredentials(user) => {
+                let account = match self.store.account(&user).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "xmpp: account lookup failed");
+                        None
+                    }
+                };
+                let failures = session.auth_failures();
+                session.handle_credentials(account);
+                config
+                    .metrics
+                    .auth_failures
+                    .inc_by(u64::from(session.auth_failures() - failures));
+            }
+            Output::Authenticated(user) => {
+                tracing::debug!(peer = %self.peer, %user, "xmpp: authenticated")
+            }
+            Output::Bound(jid) => {
+                config.metrics.bound.inc();
+                tracing::debug!(peer = %self.peer, %jid, "xmpp: bound");
+                let (link, rx) = Link::new(config.link_capacity, ns::JABBER_CLIENT);
+                config.router.register(&jid, link.clone());
+                let overloaded = Box::pin(link.overloaded().clone().cancelled_owned());
+                self.bound = Some(Bound {
+                    jid,
+                    link,
+                    rx,
+                    overloaded,
+                });
+            }
+            Output::Stanza(stanza) => {
+                let kind = match *stanza {
+                    Stanza::Iq(_) => "iq",
+                    Stanza::Message(_) => "message",
+                    Stanza::Presence(_) => "presence",
+                };
+                config
+                    .metrics
+                    .stanzas_in
+                    .get_or_create(&KindLabels { kind })
+                    .inc();
+                match &self.bound {
+                    Some(b) => route(config, session, &b.jid, &b.link, *stanza).await,
+                    None => unroutable(session, *stanza),
                 }
             }
-        }
-        if out.len() < MAX_WRITE_BATCH {
-            next = rx.try_recv().ok();
+            Output::Send(_) | Output::StartTls | Output::Close => {}
         }
     }
-    metrics.bytes_out.inc_by(out.len() as u64);
-    conn.write_all(&out).await?;
-    conn.flush().await
+
+    /// The next stanza queued for the bound resource; `None` when its queue overflowed.
+    /// Never completes before binding.
+    pub(crate) async fn queued(&mut self) -> Option<Outbound> {
+        let Some(b) = &mut self.bound else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            out = b.rx.recv() => match out {
+                Some(out) => Some(out),
+                // The link is held in `b`, so the queue never closes while bound.
+                None => std::future::pending().await,
+            },
+            _ = &mut b.overloaded => None,
+        }
+    }
+
+    /// Appends `first` and whatever else is queued, up to [`MAX_WRITE_BATCH`], to `out`:
+    /// under fan-out a session's queue holds many notifications, and one TLS record and one
+    /// syscall for all of them is what keeps the cost per delivery low.
+    pub(crate) fn gather(&mut self, first: Outbound, out: &mut Vec<u8>) {
+        let start = out.len();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Outbound::Bytes(b) => out.extend_from_slice(&b),
+                Outbound::Shared { stanza, to } => {
+                    for chunk in stanza.addressed_to(&to).chunks() {
+                        out.extend_from_slice(chunk);
+                    }
+                }
+            }
+            if out.len() - start < MAX_WRITE_BATCH {
+                next = self.bound.as_mut().and_then(|b| b.rx.try_recv().ok());
+            }
+        }
+        self.config
+            .metrics
+            .bytes_out
+            .inc_by((out.len() - start) as u64);
+    }
+
+    /// The bound resource's queue overflowed: close the stream, once.
+    pub(crate) fn overloaded(&mut self, session: &mut Session) {
+        self.config.metrics.overloaded.inc();
+        tracing::info!(peer = %self.peer, "xmpp: closing a session that does not read its stanzas");
+        session.overloaded();
+        if let Some(b) = &mut self.bound {
+            // The token stays cancelled: wait on one that never is.
+            b.overloaded = Box::pin(CancellationToken::new().cancelled_owned());
+        }
+    }
+
+    /// Removes the bound resource from the router.
+    pub(crate) fn unregister(&mut self) {
+        if let Some(b) = self.bound.take() {
+            self.config.router.unregister(&b.jid, &b.link);
+        }
+    }
 }
 
 /// Routes a stanza of the bound session `jid`: to the service when addressed to it; a

@@ -87,6 +87,7 @@ impl Gateway {
                 registry: Arc::new(registry),
                 http: cfg.http.clone(),
                 shutdown,
+                xmpp_websocket: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -130,6 +131,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let local_jid = juxta_bridge_xmpp::Jid::domain_jid(&format!("pubsub.{}", cfg.xmpp.domain))
             .map_err(|e| anyhow::anyhow!("pubsub address: {e}"))?;
         xmpp.service = Some((local_jid, Arc::new(pubsub.clone())));
+        let _ = gw.shared.xmpp_websocket.set(http::xmpp_ws::XmppWebSocket {
+            config: xmpp.clone(),
+            secret: rand::random(),
+        });
         let tcp = bind(cfg.xmpp.listen)
             .with_context(|| format!("binding XMPP to {}", cfg.xmpp.listen))?;
         let addr = tcp.local_addr()?;

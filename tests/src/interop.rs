@@ -72,3 +72,65 @@ impl Slixmpp {
         Ok((out.status.success(), report))
     }
 }
+
+/// `node`, with xmpp.js installed next to `tests/interop/xmppjs_steps.js` (`tests/run.sh`
+/// runs `npm ci` there).
+pub fn node() -> Result<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/interop");
+    let node = std::env::var("JUXTA_INTEROP_NODE").unwrap_or_else(|_| "node".into());
+    let ok = std::process::Command::new(&node)
+        .current_dir(dir)
+        .args(["--experimental-websocket", "-e", "require('@xmpp/client')"])
+        .status()
+        .is_ok_and(|s| s.success());
+    ensure!(
+        ok,
+        "{node} cannot load @xmpp/client from {dir}: run `bash tests/run.sh` (it runs `npm ci` \
+         there), or `npm ci` in {dir}"
+    );
+    Ok(node)
+}
+
+/// A running `xmppjs_steps.js`: xmpp.js logs in as `jid` over RFC 7395 WebSocket at `url`
+/// and runs `steps` (see the script's doc).
+#[derive(Debug)]
+pub struct XmppJs {
+    child: tokio::process::Child,
+}
+
+impl XmppJs {
+    /// Starts the script.
+    pub fn start(url: &str, jid: &str, password: &str, steps: &Value) -> Result<Self> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/interop");
+        let child = tokio::process::Command::new(node()?)
+            .current_dir(dir)
+            // Node 20 has the WebSocket client xmpp.js uses behind this flag.
+            .arg("--experimental-websocket")
+            .arg("xmppjs_steps.js")
+            .arg(url)
+            .arg(jid)
+            .arg(password)
+            .arg(steps.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting xmpp.js")?;
+        Ok(Self { child })
+    }
+
+    /// Waits for the report: whether every step succeeded, and the report itself.
+    pub async fn finish(self, limit: Duration) -> Result<(bool, Value)> {
+        let out = tokio::time::timeout(limit, self.child.wait_with_output())
+            .await
+            .context("xmpp.js did not finish in time")??;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+            format!(
+                "xmpp.js printed no report: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((out.status.success(), report))
+    }
+}

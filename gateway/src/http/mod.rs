@@ -8,6 +8,7 @@
 //! - `rest`: nodes, items, publish (single and batch), retract, purge, OpenAPI.
 //! - `accounts`: XMPP accounts (SCRAM credentials derived here, passwords never stored).
 //! - `ws`: the WebSocket protocol; `sse`: Server-Sent Events.
+//! - [`xmpp_ws`]: XMPP over WebSocket (RFC 7395) at `/xmpp-websocket`.
 //! - [`listener`]: the connection limit, taken before `accept`.
 
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub mod problem;
 mod rest;
 mod sse;
 mod ws;
+pub mod xmpp_ws;
 
 pub use listener::LimitedListener;
 pub use problem::ApiError;
@@ -54,6 +56,9 @@ pub struct Shared {
     pub http: HttpConfig,
     /// Cancelled on SIGTERM: streams say goodbye and end.
     pub shutdown: CancellationToken,
+    /// Set when XMPP is enabled: what `/xmpp-websocket` sessions share with the c2s
+    /// listener.
+    pub xmpp_websocket: std::sync::OnceLock<xmpp_ws::XmppWebSocket>,
 }
 
 /// The state handlers get.
@@ -71,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/xmpp-websocket", get(xmpp_ws::upgrade))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -98,7 +98,10 @@ pub(super) async fn upgrade(
 }
 
 /// Checks an RFC 6455 §4.2.1 opening handshake; returns `Sec-WebSocket-Key`.
-fn handshake_key(method: &axum::http::Method, headers: &HeaderMap) -> Result<String, ApiError> {
+pub(super) fn handshake_key(
+    method: &axum::http::Method,
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
     let has = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
             v.to_str()
