@@ -70,7 +70,7 @@ use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +78,7 @@ use crate::codec::{Decoder, Frame, Limits, StreamHeader};
 use crate::element::Element;
 use crate::error::{Condition, StreamError};
 use crate::jid::Jid;
-use crate::link::{Link, Outbound, StanzaHandler};
+use crate::link::{Link, LinkQueue, Outbound, StanzaHandler};
 use crate::metrics::Metrics;
 use crate::ns;
 use crate::stanza::{Stanza, StanzaError};
@@ -883,7 +883,7 @@ async fn connect_once(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => session.shutdown(),
-            _ = link.overloaded().cancelled() => session.overloaded(),
+            () = link.overloaded() => session.overloaded(),
             result = &mut write_task => {
                 let error = match result {
                     Ok(Ok(())) => io::Error::other("the writer stopped"),
@@ -973,7 +973,7 @@ fn append(buf: &mut Vec<u8>, out: Outbound) {
 /// closing bytes, and shuts the connection down.
 async fn write_loop(
     mut writer: OwnedWriteHalf,
-    mut queue: mpsc::Receiver<Outbound>,
+    mut queue: LinkQueue,
     mut close: oneshot::Receiver<Vec<u8>>,
     keepalive: Duration,
 ) -> io::Result<()> {

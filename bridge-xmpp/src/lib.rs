@@ -71,7 +71,7 @@ pub use codec::{
 pub use element::{Attribute, Element, ElementBuilder, Node};
 pub use error::{Condition, StreamError};
 pub use jid::{Jid, JidError, JidPart, MAX_JID_PART_BYTES};
-pub use link::{Link, Outbound, StanzaHandler};
+pub use link::{Link, LinkQueue, Next, Outbound, StanzaHandler};
 pub use stanza::{
     DefinedCondition, ErrorType, Iq, IqType, Message, MessageType, Presence, PresenceType, Show,
     Stanza, StanzaError, StanzaParseError, UnknownValue,

@@ -18,13 +18,12 @@ use juxta_core::Store;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::c2s::{C2sConfig, Output, Session};
 use crate::jid::Jid;
-use crate::link::{Link, Outbound, StanzaHandler};
+use crate::link::{Link, LinkQueue, Next, Outbound, StanzaHandler};
 use crate::metrics::{KindLabels, Metrics};
 use crate::ns;
 use crate::router::Router;
@@ -171,6 +170,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let per_ip = Arc::new(PerIp::default());
+    // Shared, not cloned per connection: every byte a connection holds counts 10 000 times.
+    let config = Arc::new(config);
     let secret: [u8; 32] = rand::random();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -366,7 +367,7 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     transport: Transport,
-    config: ServerConfig,
+    config: Arc<ServerConfig>,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     secret: [u8; 32],
@@ -436,7 +437,9 @@ async fn connection(
                         let _ = conn.shutdown().await;
                         return Ok(());
                     }
-                    other => core.handle(&mut session, other).await,
+                    // Boxed: what handling a stanza awaits would otherwise enlarge every
+                    // idle connection's task.
+                    other => Box::pin(core.handle(&mut session, other)).await,
                 }
             }
             if may_read {
@@ -500,9 +503,9 @@ async fn connection(
 pub(crate) struct Bound {
     jid: Jid,
     link: Link,
-    rx: mpsc::Receiver<Outbound>,
-    /// Completes when `link` overflowed.
-    overloaded: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    rx: LinkQueue,
+    /// Whether the overflow was reported (the stream is closing).
+    overload_reported: bool,
 }
 
 /// Most bytes gathered from the queue into one write.
@@ -548,12 +551,11 @@ impl Core<'_> {
                 tracing::debug!(peer = %self.peer, %jid, "xmpp: bound");
                 let (link, rx) = Link::new(config.link_capacity, ns::JABBER_CLIENT);
                 config.router.register(&jid, link.clone());
-                let overloaded = Box::pin(link.overloaded().clone().cancelled_owned());
                 self.bound = Some(Bound {
                     jid,
                     link,
                     rx,
-                    overloaded,
+                    overload_reported: false,
                 });
             }
             Output::Stanza(stanza) => {
@@ -582,13 +584,19 @@ impl Core<'_> {
         let Some(b) = &mut self.bound else {
             return std::future::pending().await;
         };
-        tokio::select! {
-            out = b.rx.recv() => match out {
-                Some(out) => Some(out),
-                // The link is held in `b`, so the queue never closes while bound.
-                None => std::future::pending().await,
-            },
-            _ = &mut b.overloaded => None,
+        loop {
+            match b.rx.next().await {
+                Next::Stanza(out) => return Some(out),
+                Next::Overloaded if !b.overload_reported => return None,
+                // Reported once; then only stanzas still queued go out. (The link is held
+                // in `b`, so the queue never closes while bound.)
+                Next::Overloaded | Next::Closed => {
+                    if let Ok(out) = b.rx.try_recv() {
+                        return Some(out);
+                    }
+                    return std::future::pending().await;
+                }
+            }
         }
     }
 
@@ -623,8 +631,7 @@ impl Core<'_> {
         tracing::info!(peer = %self.peer, "xmpp: closing a session that does not read its stanzas");
         session.overloaded();
         if let Some(b) = &mut self.bound {
-            // The token stays cancelled: wait on one that never is.
-            b.overloaded = Box::pin(CancellationToken::new().cancelled_owned());
+            b.overload_reported = true;
         }
     }
 

@@ -205,7 +205,7 @@ pub async fn serve_websocket<T: WsTransport>(
                 // Never offered: the session knows TLS is not available here.
                 Output::StartTls => close = true,
                 Output::Close => close = true,
-                other => core.handle(&mut session, other).await,
+                other => Box::pin(core.handle(&mut session, other)).await,
             }
         }
         if !out.is_empty() && ws.send(std::mem::take(&mut out)).await.is_err() {

@@ -10,9 +10,10 @@ use std::time::Duration;
 use juxta_bridge_xmpp::metrics::Metrics as XmppMetrics;
 use juxta_bridge_xmpp::pubsub::{CreatePolicy, PubSub, PubSubConfig};
 use juxta_bridge_xmpp::router::Router;
-use juxta_bridge_xmpp::{Decoder, Element, Frame, Jid, Limits, Link, Outbound, Stanza, ns};
+use juxta_bridge_xmpp::{
+    Decoder, Element, Frame, Jid, Limits, Link, LinkQueue, Outbound, Stanza, ns,
+};
 use juxta_core::{Bus, FanOut, Limits as BusLimits, MemoryStore, Metrics};
-use tokio::sync::mpsc;
 
 const DOMAIN: &str = "example.org";
 const SERVICE: &str = "pubsub.example.org";
@@ -39,7 +40,7 @@ fn parse_all(xml: &str) -> Vec<Element> {
 struct Client {
     jid: Jid,
     link: Link,
-    rx: mpsc::Receiver<Outbound>,
+    rx: LinkQueue,
 }
 
 impl Client {
