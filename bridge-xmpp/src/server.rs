@@ -584,19 +584,15 @@ impl Core<'_> {
         let Some(b) = &mut self.bound else {
             return std::future::pending().await;
         };
-        loop {
-            match b.rx.next().await {
-                Next::Stanza(out) => return Some(out),
-                Next::Overloaded if !b.overload_reported => return None,
-                // Reported once; then only stanzas still queued go out. (The link is held
-                // in `b`, so the queue never closes while bound.)
-                Next::Overloaded | Next::Closed => {
-                    if let Ok(out) = b.rx.try_recv() {
-                        return Some(out);
-                    }
-                    return std::future::pending().await;
-                }
-            }
+        match b.rx.next().await {
+            Next::Stanza(out) => Some(out),
+            Next::Overloaded if !b.overload_reported => None,
+            // Reported once; then only stanzas still queued go out. (The link is held in
+            // `b`, so the queue never closes while bound.)
+            Next::Overloaded | Next::Closed => match b.rx.try_recv() {
+                Ok(out) => Some(out),
+                Err(_) => std::future::pending().await,
+            },
         }
     }
 
