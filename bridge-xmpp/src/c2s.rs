@@ -255,6 +255,11 @@ impl Session {
         self.outputs.pop_front()
     }
 
+    /// The next output, left in place.
+    pub fn peek_output(&self) -> Option<&Output> {
+        self.outputs.front()
+    }
+
     /// Whether the stream is over ([`Output::Close`] was emitted).
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)

@@ -292,6 +292,16 @@ pub trait StanzaHandler: Send + Sync + 'static {
     /// stream, so it can be trusted as the sender's address.
     fn handle<'a>(&'a self, stanza: Stanza, link: &'a Link) -> HandlerFuture<'a>;
 
+    /// Handles stanzas that arrived together on one stream, in order, as if each had been
+    /// given to [`StanzaHandler::handle`] in turn; a service may commit them together.
+    fn handle_batch<'a>(&'a self, stanzas: Vec<Stanza>, link: &'a Link) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            for stanza in stanzas {
+                self.handle(stanza, link).await;
+            }
+        })
+    }
+
     /// A component stream to the server of `domain`'s users came up: stanzas to addresses
     /// outside the local domain can go through `link` from now on.
     fn attached(&self, link: Link);

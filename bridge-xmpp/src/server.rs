@@ -558,23 +558,64 @@ impl Core<'_> {
                     overload_reported: false,
                 });
             }
-            Output::Stanza(stanza) => {
-                let kind = match *stanza {
-                    Stanza::Iq(_) => "iq",
-                    Stanza::Message(_) => "message",
-                    Stanza::Presence(_) => "presence",
-                };
-                config
-                    .metrics
-                    .stanzas_in
-                    .get_or_create(&KindLabels { kind })
-                    .inc();
-                match &self.bound {
-                    Some(b) => route(config, session, &b.jid, &b.link, *stanza).await,
-                    None => unroutable(session, *stanza),
+            Output::Stanza(first) => {
+                // Stanzas that arrived together are handled together (in order), so that a
+                // client's pipelined publishes become one commit.
+                let mut batch = vec![*first];
+                while matches!(session.peek_output(), Some(Output::Stanza(_))) {
+                    if let Some(Output::Stanza(s)) = session.poll_output() {
+                        batch.push(*s);
+                    }
                 }
+                for stanza in &batch {
+                    let kind = match stanza {
+                        Stanza::Iq(_) => "iq",
+                        Stanza::Message(_) => "message",
+                        Stanza::Presence(_) => "presence",
+                    };
+                    config
+                        .metrics
+                        .stanzas_in
+                        .get_or_create(&KindLabels { kind })
+                        .inc();
+                }
+                self.route_all(session, batch).await;
             }
             Output::Send(_) | Output::StartTls | Output::Close => {}
+        }
+    }
+
+    /// Routes stanzas received together, in order: runs addressed to the service go to it
+    /// as one batch, anything else goes through [`route`].
+    async fn route_all(&mut self, session: &mut Session, batch: Vec<Stanza>) {
+        let config = self.config;
+        let Some(b) = &self.bound else {
+            for stanza in batch {
+                unroutable(session, stanza);
+            }
+            return;
+        };
+        let Some((service_jid, handler)) = &config.service else {
+            for stanza in batch {
+                route(config, session, &b.jid, &b.link, stanza).await;
+            }
+            return;
+        };
+        let mut run = Vec::new();
+        for stanza in batch {
+            if stanza_to(&stanza).is_some_and(|to| to.domain() == service_jid.domain()) {
+                run.push(stanza);
+                continue;
+            }
+            if !run.is_empty() {
+                handler
+                    .handle_batch(std::mem::take(&mut run), &b.link)
+                    .await;
+            }
+            route(config, session, &b.jid, &b.link, stanza).await;
+        }
+        if !run.is_empty() {
+            handler.handle_batch(run, &b.link).await;
         }
     }
 
@@ -649,11 +690,7 @@ async fn route(
     link: &Link,
     stanza: Stanza,
 ) {
-    let to = match &stanza {
-        Stanza::Iq(s) => s.to.as_ref(),
-        Stanza::Message(s) => s.to.as_ref(),
-        Stanza::Presence(s) => s.to.as_ref(),
-    };
+    let to = stanza_to(&stanza);
     if let Some((service_jid, handler)) = &config.service {
         if to.is_some_and(|to| to.domain() == service_jid.domain()) {
             handler.handle(stanza, link).await;
@@ -673,6 +710,14 @@ async fn route(
         }
     }
     unroutable(session, stanza);
+}
+
+fn stanza_to(stanza: &Stanza) -> Option<&Jid> {
+    match stanza {
+        Stanza::Iq(s) => s.to.as_ref(),
+        Stanza::Message(s) => s.to.as_ref(),
+        Stanza::Presence(s) => s.to.as_ref(),
+    }
 }
 
 /// Answers a stanza that nothing on this server handles yet: an iq request gets

@@ -1124,3 +1124,119 @@ async fn presence_based_delivery_skips_unavailable_subscribers() {
     let got = bob.wait(1).await;
     assert!(format!("{got:?}").contains("here"), "{got:?}");
 }
+
+#[tokio::test]
+async fn publishes_received_together_commit_in_order_and_each_gets_its_own_answer() {
+    use juxta_bridge_xmpp::StanzaHandler as _;
+    let mut w = World::new();
+    let mut alice = w.client("alice@example.org/desk");
+    let mut bob = w.client("bob@example.org/desk");
+    w.ok(&mut alice, "set", &create("b1", &[])).await;
+    w.ok(&mut alice, "set", &create("b2", &[])).await;
+    // In one batch: two publishes to b1, one bob may not make (b2 is alice's), a ping, and
+    // two more publishes (one with a service-assigned id).
+    let xml = [
+        (
+            "a1",
+            format!("<publish node='b1'>{}</publish>", json_item("i1", "1")),
+        ),
+        (
+            "a2",
+            format!("<publish node='b1'>{}</publish>", json_item("i2", "2")),
+        ),
+        ("a3", "<ping xmlns='urn:xmpp:ping'/>".to_owned()),
+        (
+            "a4",
+            format!("<publish node='b2'>{}</publish>", json_item("i3", "3")),
+        ),
+        (
+            "a5",
+            format!("<publish node='b1'>{}</publish>", json_item("i4", "4")),
+        ),
+        (
+            "a6",
+            "<publish node='b1'><item><json xmlns='urn:xmpp:json:0'>5</json></item></publish>"
+                .to_owned(),
+        ),
+    ];
+    let mut batch = Vec::new();
+    for (id, inner) in &xml {
+        let (from, payload) = match *id {
+            "a3" => (&bob.jid, inner.clone()),
+            "a4" => (&bob.jid, pubsub(inner)),
+            _ => (&alice.jid, pubsub(inner)),
+        };
+        let kind = if *id == "a3" { "get" } else { "set" };
+        let el = parse_all(&format!(
+            "<iq type='{kind}' id='{id}' from='{from}' to='{SERVICE}'>{payload}</iq>"
+        ))
+        .pop()
+        .expect("one stanza");
+        batch.push((from.clone(), Stanza::try_from(&el).expect("a valid iq")));
+    }
+    // Alice's stanzas go on alice's link, bob's on bob's: split the batch per sender, as
+    // two streams would, keeping each one's order.
+    let (alice_batch, bob_batch): (Vec<_>, Vec<_>) =
+        batch.into_iter().partition(|(from, _)| *from == alice.jid);
+    w.pubsub
+        .handle_batch(
+            alice_batch.into_iter().map(|(_, s)| s).collect(),
+            &alice.link,
+        )
+        .await;
+    w.pubsub
+        .handle_batch(bob_batch.into_iter().map(|(_, s)| s).collect(), &bob.link)
+        .await;
+
+    let answers: Vec<(String, String)> = alice
+        .drain()
+        .into_iter()
+        .filter(|s| s.name() == "iq")
+        .map(|s| {
+            let item = s
+                .get_child("pubsub", ns::PUBSUB)
+                .and_then(|p| p.get_child("publish", ns::PUBSUB))
+                .and_then(|p| p.get_child("item", ns::PUBSUB))
+                .and_then(|i| i.attr("id"))
+                .unwrap_or("")
+                .to_owned();
+            (s.attr("id").unwrap_or("").to_owned(), item)
+        })
+        .collect();
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    assert_eq!(answers[0], ("a1".to_owned(), "i1".to_owned()));
+    assert_eq!(answers[1], ("a2".to_owned(), "i2".to_owned()));
+    assert_eq!(answers[2], ("a5".to_owned(), "i4".to_owned()));
+    assert_eq!(answers[3].0, "a6");
+    assert!(!answers[3].1.is_empty(), "the service assigned an id");
+
+    let bob_answers: Vec<Element> = bob
+        .drain()
+        .into_iter()
+        .filter(|s| s.name() == "iq")
+        .collect();
+    assert_eq!(bob_answers.len(), 2, "{bob_answers:?}");
+    assert_eq!(bob_answers[0].attr("id"), Some("a3"));
+    assert_eq!(bob_answers[0].attr("type"), Some("result"));
+    assert_eq!(bob_answers[1].attr("id"), Some("a4"));
+    assert_eq!(error_of(&bob_answers[1]).0, "forbidden");
+
+    // Stored in request order, at consecutive offsets.
+    let page = w
+        .bus
+        .store()
+        .read(&juxta_core::NodeName::new("b1").expect("name"), 0, 10)
+        .await
+        .expect("read");
+    let ids: Vec<String> = page
+        .records
+        .iter()
+        .filter_map(|r| match &r.change {
+            juxta_core::Change::Published(item) => Some(item.id.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids[..3], ["i1", "i2", "i4"]);
+    assert_eq!(ids.len(), 4);
+    assert_eq!(answers[3].1, ids[3]);
+}

@@ -261,6 +261,33 @@ fn pubsub_reply(child: Element) -> Reply {
     ))
 }
 
+/// The answer to a publish: the node and the item id (assigned by the service when the
+/// request had none).
+fn published(appended: &juxta_core::Appended) -> Reply {
+    let id = appended
+        .item_id
+        .as_ref()
+        .map(|i| i.to_string())
+        .unwrap_or_default();
+    pubsub_reply(
+        Element::builder("publish", ns::PUBSUB)
+            .attr("node", appended.node.as_str())
+            .append(Element::builder("item", ns::PUBSUB).attr("id", id))
+            .build(),
+    )
+}
+
+/// The `<publish/>` and optional `<publish-options/>` of a publish request.
+fn publish_request(iq: &Iq) -> Option<(&Element, Option<&Element>)> {
+    if iq.kind != IqType::Set {
+        return None;
+    }
+    let pubsub = iq.payload.as_ref().filter(|p| p.is("pubsub", ns::PUBSUB))?;
+    let mut children = pubsub.children();
+    let first = children.next().filter(|c| c.name() == "publish")?;
+    Some((first, children.next()))
+}
+
 fn node_attr(el: &Element) -> Result<NodeName, StanzaError> {
     let name = el.attr("node").ok_or_else(nodeid_required)?;
     NodeName::new(name).map_err(|_| node_not_found())
@@ -349,6 +376,10 @@ impl StanzaHandler for PubSub {
         Box::pin(self.handle_stanza(stanza, link))
     }
 
+    fn handle_batch<'a>(&'a self, stanzas: Vec<Stanza>, link: &'a Link) -> HandlerFuture<'a> {
+        Box::pin(self.inner.batch(stanzas, link))
+    }
+
     fn attached(&self, link: Link) {
         *self.inner.remote.write() = Some(link);
     }
@@ -404,6 +435,11 @@ impl Inner {
             Some(payload) => self.request(&from, iq.kind, payload, link).await,
             None => Err(StanzaError::bad_request()),
         };
+        self.answer(&iq, reply, link);
+    }
+
+    /// Sends the result or error answering `iq`.
+    fn answer(&self, iq: &Iq, reply: Reply, link: &Link) {
         let answer = match reply {
             Ok(payload) => {
                 let mut r = iq.result();
@@ -414,6 +450,58 @@ impl Inner {
         };
         if link.send_element(&answer.into()) {
             self.count_out("iq", 1);
+        }
+    }
+
+    /// Stanzas one stream received together, handled in order; runs of publish requests
+    /// from the same sender become one commit ([`Inner::publish_batch`]).
+    async fn batch(self: &Arc<Self>, stanzas: Vec<Stanza>, link: &Link) {
+        let mut run: Vec<(Iq, juxta_core::Publish)> = Vec::new();
+        let mut run_from: Option<Jid> = None;
+        for stanza in stanzas {
+            if let Stanza::Iq(iq) = &stanza
+                && let Some(from) = &iq.from
+                && let Some((publish, options)) = publish_request(iq)
+            {
+                if run_from.as_ref().is_some_and(|f| f != from) {
+                    self.flush(&mut run, &mut run_from, link).await;
+                }
+                match self.prepare_publish(from, publish, options).await {
+                    Ok(p) => {
+                        run_from = Some(from.clone());
+                        let Stanza::Iq(iq) = stanza else {
+                            unreachable!("matched above")
+                        };
+                        run.push((iq, p));
+                    }
+                    Err(e) => {
+                        // Answers go out in request order.
+                        self.flush(&mut run, &mut run_from, link).await;
+                        self.answer(iq, Err(e), link);
+                    }
+                }
+                continue;
+            }
+            self.flush(&mut run, &mut run_from, link).await;
+            match stanza {
+                Stanza::Iq(iq) => self.iq(iq, link).await,
+                Stanza::Message(m) => self.message(m).await,
+                Stanza::Presence(p) => self.directed_presence(&p, link).await,
+            }
+        }
+        self.flush(&mut run, &mut run_from, link).await;
+    }
+
+    async fn flush(
+        self: &Arc<Self>,
+        run: &mut Vec<(Iq, juxta_core::Publish)>,
+        run_from: &mut Option<Jid>,
+        link: &Link,
+    ) {
+        if let Some(from) = run_from.take()
+            && !run.is_empty()
+        {
+            self.publish_batch(&from, std::mem::take(run), link).await;
         }
     }
 

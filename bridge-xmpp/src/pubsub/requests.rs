@@ -10,15 +10,15 @@ use juxta_core::{
 
 use super::{
     FEATURES, Inner, MAX_ITEMS_PER_REQUEST, NodeState, Reply, form, from_core, invalid_jid,
-    node_attr, node_not_found, payload, principal, pubsub_error, pubsub_reply, random_subid,
-    unsupported,
+    node_attr, node_not_found, payload, principal, published, pubsub_error, pubsub_reply,
+    random_subid, unsupported,
 };
 use crate::element::Element;
 use crate::jid::Jid;
 use crate::link::Link;
 use crate::ns;
 use crate::stanza::{
-    DefinedCondition, ErrorType, Message, MessageType, Presence, PresenceType, StanzaError,
+    DefinedCondition, ErrorType, Iq, Message, MessageType, Presence, PresenceType, StanzaError,
 };
 
 fn item_required() -> StanzaError {
@@ -542,6 +542,49 @@ impl Inner {
         el: &Element,
         options: Option<&Element>,
     ) -> Reply {
+        let publish = self.prepare_publish(from, el, options).await?;
+        let appended = self
+            .bus
+            .publish(&principal(&from.bare().to_string()), publish, Origin::Xmpp)
+            .await
+            .map_err(|e| from_core(&e))?;
+        published(&appended)
+    }
+
+    /// Several publish requests from one sender, in order, as one commit: the answers are
+    /// sent in order, as if each had been handled alone. A stream whose client pipelines
+    /// publishes gets one store commit per batch instead of one per item, so a slow commit
+    /// does not make every request behind it wait its own turn.
+    pub(super) async fn publish_batch(
+        self: &Arc<Self>,
+        from: &Jid,
+        requests: Vec<(Iq, Publish)>,
+        link: &Link,
+    ) {
+        let (iqs, publishes): (Vec<Iq>, Vec<Publish>) = requests.into_iter().unzip();
+        let results = self
+            .bus
+            .publish_batch(
+                &principal(&from.bare().to_string()),
+                publishes,
+                Origin::Xmpp,
+            )
+            .await;
+        for (iq, result) in iqs.into_iter().zip(results) {
+            let reply = result
+                .map_err(|e| from_core(&e))
+                .and_then(|appended| published(&appended));
+            self.answer(&iq, reply, link);
+        }
+    }
+
+    /// Checks a publish request and makes the bus publish it stands for.
+    pub(super) async fn prepare_publish(
+        self: &Arc<Self>,
+        from: &Jid,
+        el: &Element,
+        options: Option<&Element>,
+    ) -> Result<Publish, StanzaError> {
         let name = node_attr(el)?;
         let mut items = el.children().filter(|c| c.is("item", ns::PUBSUB));
         let Some(item) = items.next() else {
@@ -617,27 +660,12 @@ impl Inner {
             None => None,
         };
         let payload = payload::from_element(body).map_err(|e| invalid_payload(&e))?;
-        let appended = self
-            .bus
-            .publish(
-                &principal(&bare),
-                Publish {
-                    node: name.clone(),
-                    id,
-                    payload,
-                    idempotency_key: None,
-                },
-                Origin::Xmpp,
-            )
-            .await
-            .map_err(|e| from_core(&e))?;
-        let id = appended.item_id.map(|i| i.to_string()).unwrap_or_default();
-        pubsub_reply(
-            Element::builder("publish", ns::PUBSUB)
-                .attr("node", name.as_str())
-                .append(Element::builder("item", ns::PUBSUB).attr("id", id))
-                .build(),
-        )
+        Ok(Publish {
+            node: name,
+            id,
+            payload,
+            idempotency_key: None,
+        })
     }
 
     /// §7.2: retract.
