@@ -10,8 +10,10 @@
 //! Gossipsub is best-effort; offsets in every envelope and catch-up after a gap or a
 //! reconnect make a pipe reliable: a peer ends with every item, in order, once.
 
+pub mod bridge;
 pub mod catchup;
 pub mod envelope;
 pub mod group;
 pub mod identity;
 pub mod node;
+pub mod peer;

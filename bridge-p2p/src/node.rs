@@ -234,6 +234,7 @@ enum Command {
     Dial(Multiaddr, Reply<()>),
     Admit(PeerId, Credential),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     TopicPeers(IdentTopic, oneshot::Sender<usize>),
 }
 
@@ -254,15 +255,18 @@ impl std::fmt::Debug for Command {
 impl Overlay {
     /// Builds the node, starts listening and dialing, and runs it on the current tokio
     /// runtime. Events go to the returned receiver (keep reading it: the node waits when it
-    /// is full). `catch_up` answers other peers' catch-up requests (gateways).
+    /// is full). `metrics` (made with `libp2p::metrics::Metrics::new` on the process's
+    /// registry) records the behaviours' events; `catch_up` answers other peers' catch-up
+    /// requests (gateways).
     pub async fn spawn(
         keypair: identity::Keypair,
         config: Config,
-        registry: Option<&mut prometheus_client::registry::Registry>,
+        metrics: Option<libp2p::metrics::Metrics>,
         catch_up: Option<Arc<dyn CatchUpSource>>,
     ) -> Result<(Self, mpsc::Receiver<OverlayEvent>), OverlayError> {
         let local = keypair.public().to_peer_id();
         let gateway = config.role == Role::Gateway;
+        let alone = config.bootstrap.is_empty();
         let gossip_config = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(config.heartbeat)
             .heartbeat_initial_delay(Duration::from_millis(100))
@@ -282,7 +286,7 @@ impl Overlay {
             })
             .build()
             .map_err(|e| OverlayError::Build(e.to_string()))?;
-        let mut metrics = registry.map(libp2p::metrics::Metrics::new);
+        let mut metrics = metrics;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(
@@ -306,10 +310,15 @@ impl Overlay {
                     gossip_config,
                     pipe_filter(),
                 )?;
+                let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+                if alone {
+                    // Nothing to bootstrap from until peers dial in.
+                    kad_config.set_periodic_bootstrap_interval(None);
+                }
                 let mut kad = kad::Behaviour::with_config(
                     peer,
                     kad::store::MemoryStore::new(peer),
-                    kad::Config::new(KAD_PROTOCOL),
+                    kad_config,
                 );
                 if gateway {
                     kad.set_mode(Some(kad::Mode::Server));
@@ -457,6 +466,16 @@ impl Overlay {
         rx.await.map_err(|_| OverlayError::Stopped)
     }
 
+    /// The peers this node is connected to.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, OverlayError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::ConnectedPeers(tx))
+            .await
+            .map_err(|_| OverlayError::Stopped)?;
+        rx.await.map_err(|_| OverlayError::Stopped)
+    }
+
     /// How many peers this node knows to be in the pipe of `node` in `group`.
     pub async fn pipe_peers(&self, group: &str, node: &str) -> Result<usize, OverlayError> {
         let (tx, rx) = oneshot::channel();
@@ -550,6 +569,9 @@ impl Task {
             }
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
             Command::TopicPeers(t, reply) => {
                 let hash = t.hash();

@@ -34,8 +34,36 @@ pub struct Config {
     pub auth: AuthConfig,
     /// XMPP client connections.
     pub xmpp: XmppConfig,
+    /// The peer-to-peer overlay.
+    pub p2p: P2pConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// Default overlay listen address.
+pub const DEFAULT_P2P: &str = "/ip4/127.0.0.1/tcp/4001";
+
+/// The peer-to-peer overlay (libp2p): every node is a propagate pipe of its group.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct P2pConfig {
+    /// Whether to join the overlay.
+    pub enabled: bool,
+    /// Multiaddrs to listen on (TCP, `/quic-v1`, `/ws`).
+    pub listen: Vec<String>,
+    /// Peers (other gateways) to dial at start, as multiaddrs ending in `/p2p/<peer id>`;
+    /// their stored events are trusted.
+    pub bootstrap: Vec<String>,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: vec![DEFAULT_P2P.to_owned()],
+            bootstrap: Vec::new(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -47,6 +75,7 @@ impl Default for Config {
             fanout: FanoutConfig::default(),
             auth: AuthConfig::default(),
             xmpp: XmppConfig::default(),
+            p2p: P2pConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -307,6 +336,8 @@ pub struct Overrides {
     pub http: Option<SocketAddr>,
     /// `--xmpp`.
     pub xmpp: Option<SocketAddr>,
+    /// `--p2p` (repeatable): replaces `p2p.listen`.
+    pub p2p: Vec<String>,
 }
 
 impl Config {
@@ -349,12 +380,24 @@ impl Config {
         if let Some(x) = overrides.xmpp {
             cfg.xmpp.listen = x;
         }
+        if !overrides.p2p.is_empty() {
+            cfg.p2p.listen = overrides.p2p.clone();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> anyhow::Result<()> {
+        for (key, addrs) in [
+            ("p2p.listen", &self.p2p.listen),
+            ("p2p.bootstrap", &self.p2p.bootstrap),
+        ] {
+            for a in addrs {
+                a.parse::<libp2p::Multiaddr>()
+                    .map_err(|e| anyhow::anyhow!("{key}: {a:?} is not a multiaddr: {e}"))?;
+            }
+        }
         let h = &self.http;
         anyhow::ensure!(
             h.max_body_bytes >= 1024,

@@ -43,6 +43,9 @@ enum Command {
         /// XMPP client (c2s) listen address.
         #[arg(long)]
         xmpp: Option<SocketAddr>,
+        /// Overlay listen multiaddr (repeatable), e.g. /ip4/0.0.0.0/tcp/4001.
+        #[arg(long)]
+        p2p: Vec<String>,
         /// Print the effective configuration (secrets redacted) and exit.
         #[arg(long)]
         print_config: bool,
@@ -105,6 +108,36 @@ enum Command {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// Manage the overlay's protected peer groups.
+    Group {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Make a protected group: its key is written to `<data dir>/groups/<G>.key`, and the
+    /// gateway carries the group from its next start.
+    Create {
+        /// The group name (lowercase letters, digits, `-_.`).
+        group: String,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Issue a membership credential for a peer; prints it (for `juxta peer --credential`).
+    Admit {
+        /// The group.
+        group: String,
+        /// The peer id admitted.
+        #[arg(long)]
+        peer: String,
+        /// Lifetime: 45s, 90m, 12h, 30d.
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,12 +192,14 @@ fn main() -> anyhow::Result<()> {
             cfg,
             http,
             xmpp,
+            p2p,
             print_config,
         } => {
             let overrides = Overrides {
                 data_dir: cfg.data_dir,
                 http,
                 xmpp,
+                p2p,
             };
             let config = Config::load(cfg.config.as_deref(), &overrides)?;
             if print_config {
@@ -185,8 +220,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let overrides = Overrides {
                 data_dir: cfg.data_dir,
-                http: None,
-                xmpp: None,
+                ..Overrides::default()
             };
             let config = Config::load(cfg.config.as_deref(), &overrides)?;
             let grants = Grants {
@@ -234,5 +268,45 @@ fn main() -> anyhow::Result<()> {
             UserCmd::Del { name, target } => rt.block_on(client::user_del(&target, &name)),
             UserCmd::List { target } => rt.block_on(client::user_list(&target)),
         },
+        Command::Group { cmd } => group(cmd),
+    }
+}
+
+fn group(cmd: GroupCmd) -> anyhow::Result<()> {
+    use juxta_bridge_p2p::group::{Credential, GroupKey, parse_ttl, validate_group_name};
+    let data_dir = |cfg: ConfigArgs| -> anyhow::Result<PathBuf> {
+        let overrides = Overrides {
+            data_dir: cfg.data_dir,
+            ..Overrides::default()
+        };
+        Ok(Config::load(cfg.config.as_deref(), &overrides)?.data_dir)
+    };
+    match cmd {
+        GroupCmd::Create { group, cfg } => {
+            validate_group_name(&group)?;
+            let dir = data_dir(cfg)?;
+            let key = GroupKey::create_file(&dir, &group)?;
+            println!("{}", key.public().to_base64());
+            eprintln!(
+                "juxta: created protected group {group:?}; its key is in {}",
+                dir.join("groups").display()
+            );
+            Ok(())
+        }
+        GroupCmd::Admit {
+            group,
+            peer,
+            ttl,
+            cfg,
+        } => {
+            let peer: libp2p::PeerId = peer.parse().map_err(|e| anyhow::anyhow!("--peer: {e}"))?;
+            let key = GroupKey::load_file(&data_dir(cfg)?, &group)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let credential = Credential::issue(&key, &group, peer, now + parse_ttl(&ttl)?);
+            println!("{}", credential.to_text());
+            Ok(())
+        }
     }
 }

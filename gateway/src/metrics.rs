@@ -146,3 +146,70 @@ impl HttpMetrics {
         self.client_errors.get_or_create(&CodeLabels { code }).inc();
     }
 }
+
+/// Overlay pipe messages refused, by reason (undecodable, forged publisher, not a member,
+/// forbidden by the publish model, …).
+pub const OVERLAY_REJECTED: &str = "juxta_overlay_rejected";
+/// Member peers' publications stored.
+pub const OVERLAY_INGESTED: &str = "juxta_overlay_ingested";
+/// Stored events sent into pipes.
+pub const OVERLAY_EGRESSED: &str = "juxta_overlay_egressed";
+
+/// Labels by reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The stable reason code.
+    pub reason: String,
+}
+
+/// The overlay bridge's metric handles.
+#[derive(Debug, Default)]
+pub struct OverlayMetrics {
+    /// See [`OVERLAY_REJECTED`].
+    pub rejected: Family<ReasonLabels, Counter>,
+    /// See [`OVERLAY_INGESTED`].
+    pub ingested: Counter,
+    /// See [`OVERLAY_EGRESSED`].
+    pub egressed: Counter,
+}
+
+impl OverlayMetrics {
+    /// Registers the handles in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            OVERLAY_REJECTED,
+            "Overlay pipe messages refused, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            OVERLAY_INGESTED,
+            "Member peers' publications stored",
+            m.ingested.clone(),
+        );
+        registry.register(
+            OVERLAY_EGRESSED,
+            "Stored events sent into overlay pipes",
+            m.egressed.clone(),
+        );
+        m
+    }
+}
+
+impl juxta_bridge_p2p::bridge::BridgeObserver for OverlayMetrics {
+    fn rejected(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    fn ingested(&self) {
+        self.ingested.inc();
+    }
+
+    fn egressed(&self) {
+        self.egressed.inc();
+    }
+}

@@ -45,6 +45,24 @@ pub struct Gateway {
     pub shared: Arc<Shared>,
     /// The XMPP listener's metric handles, in the same registry.
     pub xmpp_metrics: Arc<juxta_bridge_xmpp::metrics::Metrics>,
+    /// The overlay's metric handles, in the same registry (when the overlay is enabled).
+    pub overlay_metrics: Option<OverlayMetricHandles>,
+}
+
+/// What the overlay records into the registry: libp2p's own metrics and the bridge's.
+pub struct OverlayMetricHandles {
+    /// libp2p's behaviour metrics.
+    pub libp2p: std::sync::Mutex<Option<libp2p::metrics::Metrics>>,
+    /// The bridge's counters.
+    pub bridge: Arc<crate::metrics::OverlayMetrics>,
+}
+
+impl std::fmt::Debug for OverlayMetricHandles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OverlayMetricHandles")
+            .field("bridge", &self.bridge)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Gateway {
@@ -56,6 +74,12 @@ impl Gateway {
         let core_metrics = Arc::new(Metrics::register(&mut registry));
         let http_metrics = Arc::new(HttpMetrics::register(&mut registry));
         let xmpp_metrics = Arc::new(juxta_bridge_xmpp::metrics::Metrics::register(&mut registry));
+        let overlay_metrics = cfg.p2p.enabled.then(|| OverlayMetricHandles {
+            libp2p: std::sync::Mutex::new(Some(libp2p::metrics::Metrics::new(
+                registry.sub_registry_with_prefix("juxta_overlay"),
+            ))),
+            bridge: Arc::new(crate::metrics::OverlayMetrics::register(&mut registry)),
+        });
         let fanout = Arc::new(FanOut::new(cfg.fanout.queue_capacity, core_metrics.clone()));
         let store: Arc<dyn Store> = match cfg.store.backend {
             Backend::Embedded => {
@@ -80,6 +104,7 @@ impl Gateway {
         let auth = Authenticator::from_config(cfg)?;
         Ok(Self {
             xmpp_metrics,
+            overlay_metrics,
             shared: Arc::new(Shared {
                 bus,
                 auth,
@@ -88,6 +113,7 @@ impl Gateway {
                 http: cfg.http.clone(),
                 shutdown,
                 xmpp_websocket: std::sync::OnceLock::new(),
+                overlay: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -162,6 +188,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    if cfg.p2p.enabled {
+        start_overlay(&cfg, &gw, shutdown.clone()).await?;
+    }
     let tcp =
         bind(cfg.http.listen).with_context(|| format!("binding HTTP to {}", cfg.http.listen))?;
     let addr = tcp.local_addr()?;
@@ -185,6 +214,96 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     gw.shared.bus.store().close().await;
     tracing::info!("juxta stopped");
+    Ok(())
+}
+
+/// Joins the overlay: the gateway's identity from the data dir, the `public` group and every
+/// protected group whose key is in `<data dir>/groups`, catch-up from the store, and the
+/// bridge between the bus and the pipes. Prints `listening p2p <multiaddr>/p2p/<peer id>`
+/// for each address.
+async fn start_overlay(
+    cfg: &Config,
+    gw: &Gateway,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use juxta_bridge_p2p::group::{Group, GroupKey, Membership};
+    use juxta_bridge_p2p::node::{Config as NodeConfig, Overlay, OverlayEvent, Role};
+    let keypair = juxta_bridge_p2p::identity::load_or_create(&cfg.data_dir)?;
+    let mut groups = vec![Group::public()];
+    if let Ok(entries) = std::fs::read_dir(cfg.data_dir.join("groups")) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".key"))
+            else {
+                continue;
+            };
+            let key = GroupKey::load_file(&cfg.data_dir, name)
+                .with_context(|| format!("loading the key of group {name}"))?;
+            groups.push(Group {
+                name: name.to_owned(),
+                membership: Membership::Protected(key.public()),
+            });
+        }
+    }
+    let mut node = NodeConfig::new(Role::Gateway);
+    node.listen = cfg
+        .p2p
+        .listen
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    node.bootstrap = cfg
+        .p2p
+        .bootstrap
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    node.groups = groups.clone();
+    let (libp2p_metrics, bridge_metrics) = match &gw.overlay_metrics {
+        Some(m) => (
+            m.libp2p.lock().ok().and_then(|mut l| l.take()),
+            m.bridge.clone(),
+        ),
+        None => (None, Arc::new(crate::metrics::OverlayMetrics::default())),
+    };
+    let bus = gw.shared.bus.clone();
+    let catch_up = Arc::new(juxta_bridge_p2p::bridge::StoreCatchUp::new(bus.clone()));
+    let (overlay, mut events) =
+        Overlay::spawn(keypair, node.clone(), libp2p_metrics, Some(catch_up))
+            .await
+            .context("starting the overlay")?;
+    // Wait for each listener's real address (a port of 0 is chosen now).
+    let mut listening = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while listening.len() < node.listen.len() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(OverlayEvent::Listening(addr))) => {
+                let full = addr.with(libp2p::multiaddr::Protocol::P2p(overlay.local_peer_id()));
+                println!("listening p2p {full}");
+                listening.push(full);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let _ = std::io::stdout().flush();
+    tracing::info!(peer = %overlay.local_peer_id(), addrs = ?listening, "overlay joined");
+    let _ = gw.shared.overlay.set(http::OverlayInfo {
+        overlay: overlay.clone(),
+        listening,
+        groups: groups.iter().map(|g| g.name.clone()).collect(),
+    });
+    tokio::spawn(juxta_bridge_p2p::bridge::run(
+        bus,
+        overlay,
+        events,
+        groups.into_iter().map(|g| g.name).collect(),
+        bridge_metrics,
+        shutdown,
+    ));
     Ok(())
 }
 

@@ -35,6 +35,9 @@ const LISTENING_MARKER: &str = "listening http://";
 const XMPP_MARKER: &str = "listening xmpp://";
 /// The line it prints when it also accepts direct-TLS XMPP clients (XEP-0368).
 const XMPPS_MARKER: &str = "listening xmpps://";
+/// The line `juxta serve` prints for each overlay listen address (a multiaddr ending in
+/// `/p2p/<peer id>`).
+const P2P_MARKER: &str = "listening p2p ";
 
 /// The path of the `juxta` binary: `$JUXTA_BIN`, else next to the running executable's
 /// directory (`target/<profile>/juxta` seen from `target/<profile>/deps/…`), else in the same
@@ -174,6 +177,7 @@ pub struct Server {
     addr: SocketAddr,
     xmpp_addr: Option<SocketAddr>,
     xmpps_addr: Option<SocketAddr>,
+    p2p_addr: Option<String>,
     admin_key: String,
     data_dir: PathBuf,
     binary: PathBuf,
@@ -215,6 +219,7 @@ impl Server {
             addr: spawned.addr,
             xmpp_addr: spawned.xmpp_addr,
             xmpps_addr: spawned.xmpps_addr,
+            p2p_addr: spawned.p2p_addr,
             admin_key,
             data_dir,
             binary,
@@ -244,6 +249,12 @@ impl Server {
     /// `JUXTA_XMPP__DIRECT_TLS_LISTEN`.
     pub fn xmpps_addr(&self) -> Option<SocketAddr> {
         self.xmpps_addr
+    }
+
+    /// The first overlay address the server printed: a multiaddr ending in `/p2p/<peer id>`
+    /// (`None` with `p2p.enabled = false`).
+    pub fn p2p_addr(&self) -> Option<&str> {
+        self.p2p_addr.as_deref()
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -409,6 +420,7 @@ impl Server {
         self.addr = spawned.addr;
         self.xmpp_addr = spawned.xmpp_addr;
         self.xmpps_addr = spawned.xmpps_addr;
+        self.p2p_addr = spawned.p2p_addr;
         self.readers = spawned.readers;
         Ok(())
     }
@@ -445,6 +457,7 @@ struct Addrs {
     http: SocketAddr,
     xmpp: Option<SocketAddr>,
     xmpps: Option<SocketAddr>,
+    p2p: Option<String>,
 }
 
 struct Spawned {
@@ -453,6 +466,7 @@ struct Spawned {
     addr: SocketAddr,
     xmpp_addr: Option<SocketAddr>,
     xmpps_addr: Option<SocketAddr>,
+    p2p_addr: Option<String>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -482,6 +496,8 @@ async fn spawn(
         .arg("127.0.0.1:0")
         .arg("--xmpp")
         .arg("127.0.0.1:0")
+        .arg("--p2p")
+        .arg("/ip4/127.0.0.1/tcp/0")
         .args(&options.args)
         .env("JUXTA_ADMIN_KEY", admin_key)
         .env("JUXTA_LOG__LEVEL", "warn")
@@ -531,12 +547,18 @@ async fn spawn(
         () = tokio::time::sleep(STARTUP_TIMEOUT) => Outcome::TimedOut,
     };
     match outcome {
-        Outcome::Listening(Addrs { http, xmpp, xmpps }) => Ok(Spawned {
+        Outcome::Listening(Addrs {
+            http,
+            xmpp,
+            xmpps,
+            p2p,
+        }) => Ok(Spawned {
             child,
             pid,
             addr: http,
             xmpp_addr: xmpp,
             xmpps_addr: xmpps,
+            p2p_addr: p2p,
             readers,
         }),
         Outcome::StdoutClosed => {
@@ -579,7 +601,7 @@ async fn drain(
 ) {
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::new();
-    let (mut xmpp, mut xmpps) = (None, None);
+    let (mut xmpp, mut xmpps, mut p2p) = (None, None, None);
     loop {
         buf.clear();
         match reader.read_until(b'\n', &mut buf).await {
@@ -593,10 +615,20 @@ async fn drain(
         if let Some(addr) = parse_marker(&line, XMPPS_MARKER) {
             xmpps = Some(addr);
         }
+        if let Some(rest) = line.strip_prefix(P2P_MARKER)
+            && p2p.is_none()
+        {
+            p2p = Some(rest.trim().to_owned());
+        }
         if let Some(http) = parse_listening(&line)
             && let Some(tx) = listening.take()
         {
-            let _ = tx.send(Addrs { http, xmpp, xmpps });
+            let _ = tx.send(Addrs {
+                http,
+                xmpp,
+                xmpps,
+                p2p: p2p.clone(),
+            });
         }
         push_line(&output, format!("{prefix}{line}"));
     }

@@ -59,6 +59,19 @@ pub struct Shared {
     /// Set when XMPP is enabled: what `/xmpp-websocket` sessions share with the c2s
     /// listener.
     pub xmpp_websocket: std::sync::OnceLock<xmpp_ws::XmppWebSocket>,
+    /// Set once the overlay is up: what `GET /api/v1/overlay` reports.
+    pub overlay: std::sync::OnceLock<OverlayInfo>,
+}
+
+/// The running overlay, as `GET /api/v1/overlay` shows it.
+#[derive(Clone, Debug)]
+pub struct OverlayInfo {
+    /// The overlay node.
+    pub overlay: juxta_bridge_p2p::node::Overlay,
+    /// Full listen addresses (with `/p2p/<peer id>`).
+    pub listening: Vec<libp2p::Multiaddr>,
+    /// Groups carried.
+    pub groups: Vec<String>,
 }
 
 /// The state handlers get.

@@ -35,6 +35,50 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/nodes/{node}/purge", post(purge))
         .route("/publish", post(publish_batch))
         .route("/openapi.json", get(openapi))
+        .route("/overlay", get(overlay))
+}
+
+/// This instance in the overlay.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct OverlayView {
+    /// The gateway's peer id.
+    peer_id: String,
+    /// Listen addresses, each ending in `/p2p/<peer id>` (dial these to bootstrap).
+    listen: Vec<String>,
+    /// Peer groups carried.
+    groups: Vec<String>,
+    /// Peers connected now.
+    connected_peers: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/overlay", tag = "meta",
+    responses((status = 200, body = OverlayView),
+        (status = 404, description = "The overlay is disabled (`p2p.enabled = false`)", body = super::problem::Problem)),
+    security(("bearer" = [])))]
+async fn overlay(
+    State(st): State<AppState>,
+    Auth(_who): Auth,
+) -> Result<Json<OverlayView>, ApiError> {
+    let Some(info) = st.overlay.get() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "overlay_disabled",
+            "the overlay is disabled on this gateway (p2p.enabled = false)",
+        ));
+    };
+    let peers = info.overlay.connected_peers().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overlay_stopped",
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(OverlayView {
+        peer_id: info.overlay.local_peer_id().to_string(),
+        listen: info.listening.iter().map(ToString::to_string).collect(),
+        groups: info.groups.clone(),
+        connected_peers: peers.iter().map(ToString::to_string).collect(),
+    }))
 }
 
 /// A node: configuration and position.
@@ -455,10 +499,10 @@ impl Modify for Security {
     info(title = "juxta", description = "REST, WebSocket and SSE API of the juxta messaging gateway. \
         WebSocket: GET /api/v1/ws (subprotocol-free, JSON text frames; ops subscribe, unsubscribe, publish, ping). \
         SSE: GET /api/v1/nodes/{node}/events (Last-Event-ID `<epoch>:<offset>` or ?after= resumes)."),
-    paths(list_nodes, put_node, get_node, delete_node, publish, publish_batch, list_items, get_item, retract, purge, openapi,
+    paths(list_nodes, put_node, get_node, delete_node, publish, publish_batch, list_items, get_item, retract, purge, openapi, overlay,
         super::ws::upgrade, super::sse::events,
         super::accounts::put_account, super::accounts::delete_account, super::accounts::list_accounts),
-    components(schemas(NodeView, NodeList, PublishedView, PublishBody, BatchBody, BatchItem, super::problem::Problem,
+    components(schemas(NodeView, NodeList, OverlayView, PublishedView, PublishBody, BatchBody, BatchItem, super::problem::Problem,
         super::accounts::PasswordBody, super::accounts::AccountView, super::accounts::AccountList)),
     modifiers(&Security),
     tags((name = "nodes"), (name = "items"), (name = "streams"), (name = "accounts"), (name = "meta"))

@@ -1,0 +1,302 @@
+//! The gateway side of the overlay: one node = one propagate pipe.
+//!
+//! - **Bus → pipes**: every node of a group this gateway carries has a *feeder*, one bus
+//!   subscription that publishes each stored event, whatever its origin, into the node's
+//!   pipe as an envelope with its offset and epoch. Peers receive items from there, in offset
+//!   order, and catch up by offset when gossip missed one.
+//! - **Pipes → Bus**: a member peer's publication (an envelope without an offset, already
+//!   validated by the overlay node: signed by the publisher it names, from a member of the
+//!   group) becomes a bus publish by that peer, subject to the node's publish model. Its
+//!   stored event then goes out through the feeder with an offset; raw publications are never
+//!   forwarded as items, and stored events are never taken back in, so nothing loops — also
+//!   with several gateways in one overlay. The publication's identity is the publish's
+//!   idempotency key, so a copy that reaches the gateway twice is stored once.
+//! - **Catch-up**: [`StoreCatchUp`] answers from the store's history.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use juxta_core::{
+    Affiliation, Bus, Delivery, Error, Event, Grants, NodeName, Origin, Pattern, Principal,
+    Publish, PublishModel, Resume,
+};
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::catchup::{self, CatchUpRequest, CatchUpResponse, Page};
+use crate::envelope::{Envelope, Kind};
+use crate::node::{CatchUpSource, Overlay, OverlayEvent};
+
+/// How often the gateway looks for nodes created (or deleted) since.
+pub const NODE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Answers catch-up requests from the store's history.
+#[derive(Clone, Debug)]
+pub struct StoreCatchUp {
+    bus: Bus,
+}
+
+impl StoreCatchUp {
+    /// Serves `bus`'s store.
+    pub fn new(bus: Bus) -> Self {
+        Self { bus }
+    }
+
+    async fn serve(bus: Bus, request: CatchUpRequest) -> CatchUpResponse {
+        let Ok(node) = NodeName::new(&request.node) else {
+            return CatchUpResponse::refused("bad_request", "not a node name");
+        };
+        let limit = request.limit.clamp(1, catchup::MAX_PAGE_ITEMS) as usize;
+        let page = match bus.store().read(&node, request.after, limit).await {
+            Ok(p) => p,
+            Err(Error::NodeNotFound(_)) => {
+                return CatchUpResponse::refused("node_not_found", "no such node");
+            }
+            Err(e) => return CatchUpResponse::refused("unavailable", e.to_string()),
+        };
+        if page.meta.config.group != request.group {
+            // Not in the group the peer proved membership of: as if it did not exist.
+            return CatchUpResponse::refused("node_not_found", "no such node in this group");
+        }
+        let mut items = Vec::with_capacity(page.records.len());
+        let mut bytes = 0;
+        for record in page.records {
+            let event = Event::new(node.clone(), page.meta.epoch, record, Origin::History);
+            let encoded = Envelope::from_event(&event).encode();
+            bytes += encoded.len();
+            if bytes > catchup::MAX_PAGE_BYTES && !items.is_empty() {
+                break;
+            }
+            items.push(serde_bytes::ByteBuf::from(encoded));
+        }
+        CatchUpResponse::Page(Page {
+            epoch: page.meta.epoch.0,
+            first_offset: page.meta.first_offset,
+            last_offset: page.meta.last_offset,
+            items,
+        })
+    }
+}
+
+impl CatchUpSource for StoreCatchUp {
+    fn page(
+        &self,
+        _peer: PeerId,
+        request: CatchUpRequest,
+    ) -> Pin<Box<dyn Future<Output = CatchUpResponse> + Send>> {
+        Box::pin(Self::serve(self.bus.clone(), request))
+    }
+}
+
+/// What the bridge counts, for metrics.
+pub trait BridgeObserver: Send + Sync + 'static {
+    /// A pipe message was rejected (by the overlay's validation, or here); `reason` is a
+    /// stable code.
+    fn rejected(&self, reason: &str);
+    /// A peer's publication was stored.
+    fn ingested(&self);
+    /// A stored event went into a pipe.
+    fn egressed(&self);
+}
+
+/// Runs the bridge until `shutdown`: feeders for every node of the `groups` this gateway
+/// carries, and peers' publications into the bus.
+pub async fn run(
+    bus: Bus,
+    overlay: Overlay,
+    mut events: mpsc::Receiver<OverlayEvent>,
+    groups: Vec<String>,
+    observer: Arc<dyn BridgeObserver>,
+    shutdown: CancellationToken,
+) {
+    let mut feeders: HashMap<NodeName, CancellationToken> = HashMap::new();
+    let mut scan = tokio::time::interval(NODE_SCAN_INTERVAL);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = scan.tick() => {
+                scan_nodes(&bus, &overlay, &groups, &mut feeders, &observer, &shutdown).await;
+            }
+            event = events.recv() => match event {
+                None => break,
+                Some(OverlayEvent::ItemReceived { group, envelope, source }) => {
+                    if envelope.offset.is_none() {
+                        if let Err(reason) = ingest(&bus, &group, envelope, source).await {
+                            tracing::debug!(%source, reason, "overlay: refused a peer's publication");
+                            observer.rejected(reason);
+                        } else {
+                            observer.ingested();
+                        }
+                    }
+                }
+                Some(OverlayEvent::MessageRejected { reason, .. }) => observer.rejected(reason),
+                Some(_) => {}
+            },
+        }
+    }
+    for token in feeders.values() {
+        token.cancel();
+    }
+}
+
+/// Starts feeders for new nodes of carried groups; forgets ended ones.
+async fn scan_nodes(
+    bus: &Bus,
+    overlay: &Overlay,
+    groups: &[String],
+    feeders: &mut HashMap<NodeName, CancellationToken>,
+    observer: &Arc<dyn BridgeObserver>,
+    shutdown: &CancellationToken,
+) {
+    feeders.retain(|_, token| !token.is_cancelled());
+    let nodes = match bus.store().nodes().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "overlay: listing nodes failed");
+            return;
+        }
+    };
+    for meta in nodes {
+        if feeders.contains_key(&meta.name) || !groups.contains(&meta.config.group) {
+            continue;
+        }
+        let group = meta.config.group.clone();
+        if let Err(e) = overlay.subscribe(&group, meta.name.as_str()).await {
+            tracing::warn!(node = %meta.name, error = %e, "overlay: joining a pipe failed");
+            continue;
+        }
+        let token = shutdown.child_token();
+        feeders.insert(meta.name.clone(), token.clone());
+        tokio::spawn(feed(
+            bus.clone(),
+            overlay.clone(),
+            meta.name,
+            group,
+            observer.clone(),
+            token,
+        ));
+    }
+}
+
+/// Publishes `node`'s events into its pipe until the node is deleted or `token` cancelled
+/// (then the token is cancelled, so the next scan may start a new feeder).
+async fn feed(
+    bus: Bus,
+    overlay: Overlay,
+    node: NodeName,
+    group: String,
+    observer: Arc<dyn BridgeObserver>,
+    token: CancellationToken,
+) {
+    let mut sub = match bus
+        .subscribe(&Principal::Admin, &node, Resume::default())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%node, error = %e, "overlay: feeder could not subscribe");
+            token.cancel();
+            return;
+        }
+    };
+    loop {
+        let delivery = tokio::select! {
+            () = token.cancelled() => return,
+            d = sub.next() => d,
+        };
+        match delivery {
+            Some(Ok(Delivery::Event(event))) => {
+                let envelope = Envelope::from_event(&event);
+                // No peer in the pipe yet is normal: peers catch up by offset when they join.
+                match overlay.publish(&group, &envelope).await {
+                    Ok(()) => observer.egressed(),
+                    Err(e) => tracing::trace!(%node, error = %e, "overlay: pipe publish"),
+                }
+                if envelope.kind == Kind::Deleted {
+                    break;
+                }
+            }
+            // Missed events are in history: peers catch up by offset.
+            Some(Ok(Delivery::Lost { .. })) => {}
+            Some(Err(e)) => {
+                tracing::debug!(%node, error = %e, "overlay: feeder ended");
+                break;
+            }
+            None => break,
+        }
+    }
+    token.cancel();
+}
+
+/// Stores a member peer's publication; `Err` with a stable reason when it may not be.
+async fn ingest(
+    bus: &Bus,
+    group: &str,
+    envelope: Envelope,
+    source: PeerId,
+) -> Result<(), &'static str> {
+    let (Some(id), Some(payload)) = (envelope.item_id.clone(), envelope.payload.clone()) else {
+        return Err("invalid");
+    };
+    let node = envelope.node.clone();
+    let meta = bus
+        .store()
+        .node(&node)
+        .await
+        .map_err(|_| "unavailable")?
+        .ok_or("unknown_node")?;
+    if meta.config.group != group {
+        return Err("wrong_group");
+    }
+    let peer = source.to_string();
+    let allowed = match meta.config.publish_model {
+        PublishModel::Open | PublishModel::Subscribers => true,
+        PublishModel::Publishers => bus
+            .store()
+            .affiliations(&node)
+            .await
+            .map_err(|_| "unavailable")?
+            .iter()
+            .any(|(who, a)| {
+                **who == *peer
+                    && matches!(
+                        a,
+                        Affiliation::Owner | Affiliation::Publisher | Affiliation::PublishOnly
+                    )
+            }),
+    };
+    if !allowed {
+        return Err("forbidden");
+    }
+    let who = Principal::Subject {
+        name: Arc::from(peer.as_str()),
+        grants: Arc::new(Grants {
+            publish: vec![Pattern::new(node.as_str())],
+            subscribe: Vec::new(),
+            admin: false,
+        }),
+    };
+    let key: String = envelope
+        .message_id()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    bus.publish(
+        &who,
+        Publish {
+            node,
+            id: Some(id),
+            payload,
+            idempotency_key: Some(key),
+        },
+        Origin::Overlay,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.code())
+}

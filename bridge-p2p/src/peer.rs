@@ -1,0 +1,1 @@
+//! The edge peer: joins the overlay, follows pipes in offset order with catch-up, publishes.
