@@ -126,7 +126,11 @@ pub enum OverlayError {
     /// The group is not one this node carries.
     #[error("unknown group {0:?}")]
     UnknownGroup(String),
-    /// Gossipsub refused to publish (no peer subscribed yet, duplicate, too large …).
+    /// No peer has joined the pipe yet (or none is reachable): gossipsub sends nowhere.
+    /// Transient right after joining; peers that join later catch up.
+    #[error("no peer in the pipe yet")]
+    NoPeers,
+    /// Gossipsub refused to publish (duplicate, too large …).
     #[error("publishing: {0}")]
     Publish(String),
     /// Subscribing failed.
@@ -548,7 +552,10 @@ impl Task {
                     .gossipsub
                     .publish(t, data)
                     .map(|_| ())
-                    .map_err(|e| OverlayError::Publish(e.to_string()));
+                    .map_err(|e| match e {
+                        gossipsub::PublishError::NoPeersSubscribedToTopic => OverlayError::NoPeers,
+                        e => OverlayError::Publish(e.to_string()),
+                    });
                 let _ = reply.send(r);
             }
             Command::CatchUp(peer, request, reply) => {

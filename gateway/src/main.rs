@@ -108,6 +108,36 @@ enum Command {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// Join the overlay as an edge peer: print each event of the subscribed nodes as a JSON
+    /// line (the WebSocket event shape); with `--publish NODE`, publish each stdin line.
+    Peer {
+        /// A gateway to join through, `/ip4/…/tcp/4001/p2p/<peer id>` (repeatable).
+        #[arg(long, required_unless_present = "print_peer_id")]
+        bootstrap: Vec<String>,
+        /// The peer group.
+        #[arg(long, default_value = "public")]
+        group: String,
+        /// A membership credential file (`juxta group admit`), for a protected group.
+        #[arg(long)]
+        credential: Option<PathBuf>,
+        /// A node to follow (repeatable).
+        #[arg(long)]
+        subscribe: Vec<String>,
+        /// Resume a node after an offset: `NODE=OFFSET` (repeatable; default: from the start
+        /// of history).
+        #[arg(long)]
+        after: Vec<String>,
+        /// Publish each stdin line (JSON) into this node; exit when stdin ends.
+        #[arg(long)]
+        publish: Option<String>,
+        /// Where this peer's identity key lives (created when missing): a credential is
+        /// issued to one peer id, so keep it.
+        #[arg(long, default_value = "./juxta-peer")]
+        identity_dir: PathBuf,
+        /// Print this peer's id and exit (for `juxta group admit --peer`).
+        #[arg(long)]
+        print_peer_id: bool,
+    },
     /// Manage the overlay's protected peer groups.
     Group {
         #[command(subcommand)]
@@ -269,6 +299,61 @@ fn main() -> anyhow::Result<()> {
             UserCmd::List { target } => rt.block_on(client::user_list(&target)),
         },
         Command::Group { cmd } => group(cmd),
+        Command::Peer {
+            bootstrap,
+            group,
+            credential,
+            subscribe,
+            after,
+            publish,
+            identity_dir,
+            print_peer_id,
+        } => {
+            use juxta_bridge_p2p::group::Credential;
+            use juxta_bridge_p2p::peer::{PeerConfig, parse_after, run_cli};
+            let keypair = juxta_bridge_p2p::identity::load_or_create(&identity_dir)?;
+            if print_peer_id {
+                println!("{}", keypair.public().to_peer_id());
+                return Ok(());
+            }
+            let mut config = PeerConfig::new(
+                bootstrap
+                    .iter()
+                    .map(|a| {
+                        a.parse()
+                            .map_err(|e| anyhow::anyhow!("--bootstrap {a}: {e}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            );
+            config.group = group;
+            if let Some(path) = credential {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                config.credential = Some(Credential::from_text(text.trim())?);
+            }
+            for node in &subscribe {
+                config.subscribe.push(juxta_core::NodeName::new(node)?);
+            }
+            for a in &after {
+                let (node, offset) = parse_after(a)?;
+                config.after.insert(node, offset);
+            }
+            let publish = publish
+                .as_deref()
+                .map(juxta_core::NodeName::new)
+                .transpose()?;
+            let stop = publish.is_some();
+            init_logs("warn", LogFormat::Text);
+            rt.block_on(run_cli(
+                keypair,
+                config,
+                publish,
+                tokio::io::BufReader::new(tokio::io::stdin()),
+                tokio::io::stdout(),
+                stop,
+            ))?;
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,146 @@
+//! The overlay end to end, through the real binary: `juxta peer` (an edge peer in its own
+//! process) joins a gateway's pipe, catches up on history, receives live REST items, and
+//! publishes items that reach a WebSocket subscriber and other peers, in order, once.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use juxta_tests::{Server, WsClient, unique};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A `juxta peer` process and its output lines.
+struct Peer {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl Peer {
+    fn start(server: &Server, args: &[&str], identity: &std::path::Path) -> Result<Self> {
+        let bootstrap = server
+            .p2p_addr()
+            .context("the gateway printed no p2p address")?;
+        let mut child = Command::new(server.binary())
+            .arg("peer")
+            .arg("--bootstrap")
+            .arg(bootstrap)
+            .arg("--identity-dir")
+            .arg(identity)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting juxta peer")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        Ok(Self {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
+    /// The next JSON line.
+    async fn next(&mut self) -> Result<Value> {
+        let line = tokio::time::timeout(WAIT, self.lines.next_line())
+            .await
+            .context("juxta peer printed nothing in time")??
+            .context("juxta peer ended")?;
+        serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))
+    }
+}
+
+fn peer_id(server: &Server, identity: &std::path::Path) -> Result<String> {
+    let out = std::process::Command::new(server.binary())
+        .args(["peer", "--print-peer-id", "--identity-dir"])
+        .arg(identity)
+        .output()?;
+    ensure!(out.status.success(), "{out:?}");
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_peer_catches_up_follows_live_items_and_publishes_to_websocket_subscribers()
+-> Result<()> {
+    let server = Server::start_default().await?;
+    let api = server.api();
+    let node = unique("pipe");
+    api.create_node(&node, Some(&json!({"publish_model": "open"})))
+        .await?;
+    api.publish(&node, &json!({"id": "r1", "payload": {"t": 1}}))
+        .await?
+        .expect(201)?;
+
+    let dir = tempfile::tempdir()?;
+    let follower_dir = dir.path().join("follower");
+    let mut follower = Peer::start(&server, &["--subscribe", &node], &follower_dir)?;
+    // History first (catch-up), then live items.
+    let first = follower.next().await?;
+    ensure!(
+        first["type"] == "event" && first["offset"] == 1 && first["item"]["id"] == "r1",
+        "{first}"
+    );
+    api.publish(&node, &json!({"id": "r2", "payload": {"t": 2}}))
+        .await?
+        .expect(201)?;
+    let second = follower.next().await?;
+    ensure!(
+        second["offset"] == 2 && second["item"]["payload"]["t"] == 2,
+        "{second}"
+    );
+
+    // Another peer publishes two lines (one is not JSON): the good one reaches a WebSocket
+    // subscriber and the follower, with the publishing peer as publisher.
+    let mut ws = WsClient::connect(&server.ws_url(), server.admin_key()).await?;
+    ws.subscribed(&node, None, None).await?;
+    let publisher_dir = dir.path().join("publisher");
+    let publisher_id = peer_id(&server, &publisher_dir)?;
+    let mut publisher = Peer::start(&server, &["--publish", &node], &publisher_dir)?;
+    let mut stdin = publisher.child.stdin.take().context("stdin")?;
+    stdin.write_all(b"{\"from\":\"peer\"}\nnot json\n").await?;
+    drop(stdin);
+    let refused = publisher.next().await?;
+    ensure!(
+        refused["type"] == "error" && refused["code"] == "invalid_json",
+        "{refused}"
+    );
+    let status = tokio::time::timeout(WAIT, publisher.child.wait())
+        .await
+        .context("juxta peer --publish did not exit after its input ended")??;
+    ensure!(status.success(), "juxta peer --publish: {status}");
+
+    let event = ws.next_event().await?;
+    ensure!(
+        event["offset"] == 3
+            && event["item"]["payload"]["from"] == "peer"
+            && event["item"]["publisher"] == publisher_id.as_str(),
+        "{event}"
+    );
+    let third = follower.next().await?;
+    ensure!(
+        third["offset"] == 3 && third["item"]["publisher"] == publisher_id.as_str(),
+        "{third}"
+    );
+    // Once each: nothing more arrives for the follower.
+    let more = tokio::time::timeout(Duration::from_secs(2), follower.lines.next_line()).await;
+    ensure!(more.is_err(), "unexpected output: {more:?}");
+
+    // The gateway reports itself and the connected follower.
+    let overlay = api
+        .call(reqwest::Method::GET, "/api/v1/overlay", None)
+        .await?
+        .expect(200)?;
+    let follower_id = peer_id(&server, &follower_dir)?;
+    ensure!(
+        overlay["connected_peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == follower_id.as_str())),
+        "{overlay}"
+    );
+    ensure!(overlay["groups"] == json!(["public"]), "{overlay}");
+    Ok(())
+}
