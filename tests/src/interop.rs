@@ -134,3 +134,46 @@ impl XmppJs {
         Ok((out.status.success(), report))
     }
 }
+
+/// A server for tests that drive an XMPP client, with the account `user`/`password`. The
+/// overlay is off: its pipe counts as a subscriber of every node, and these tests learn that
+/// the client has subscribed from the subscriber count ([`wait_for_subscribers`]).
+pub async fn xmpp_server(user: &str, password: &str) -> Result<crate::Server> {
+    let server =
+        crate::Server::start(crate::ServerOptions::new().env("JUXTA_P2P__ENABLED", "false"))
+            .await?;
+    server
+        .api()
+        .call(
+            reqwest::Method::PUT,
+            &format!("/api/v1/accounts/{user}"),
+            Some(&serde_json::json!({ "password": password })),
+        )
+        .await?
+        .expect(201)?;
+    Ok(server)
+}
+
+/// Waits (30 s at most) until `node` has at least `n` subscribers; `who` names them in the
+/// error.
+pub async fn wait_for_subscribers(
+    server: &crate::Server,
+    node: &str,
+    n: u64,
+    who: &str,
+) -> Result<()> {
+    let api = server.api();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = api.get_node(node).await?;
+        if reply.status == 200 && reply.body["subscribers"].as_u64().unwrap_or(0) >= n {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{who} never subscribed to {node}: {}",
+            server.output_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -5,27 +5,14 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use juxta_tests::interop::Slixmpp;
-use juxta_tests::{Server, ServerOptions, WsClient, unique};
-use reqwest::Method;
+use juxta_tests::interop::{Slixmpp, wait_for_subscribers, xmpp_server};
+use juxta_tests::{WsClient, unique};
 use serde_json::{Value, json};
 
 #[tokio::test]
 async fn items_and_retractions_cross_between_rest_websocket_and_an_xmpp_client() -> Result<()> {
-    let server = Server::start(
-        // The overlay's pipe would count as a subscriber of every node; this test waits for
-        // the subscriber count to tell when the XMPP client has subscribed.
-        ServerOptions::new().env("JUXTA_P2P__ENABLED", "false"),
-    )
-    .await?;
+    let server = xmpp_server("alice", "s3cret pass").await?;
     let api = server.api();
-    api.call(
-        Method::PUT,
-        "/api/v1/accounts/alice",
-        Some(&json!({"password": "s3cret pass"})),
-    )
-    .await?
-    .expect(201)?;
     let node = unique("xnode");
     let xmpp = server.xmpp_addr().context("no XMPP address")?;
     let ca = server.data_dir().join("xmpp-localhost.crt");
@@ -44,19 +31,7 @@ async fn items_and_retractions_cross_between_rest_websocket_and_an_xmpp_client()
 
     // Once alice's node exists and her subscription feeds it, a WebSocket client subscribes
     // and REST publishes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let reply = api.get_node(&node).await?;
-        if reply.status == 200 && reply.body["subscribers"].as_u64().unwrap_or(0) >= 1 {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the XMPP client never created and subscribed to {node}: {}",
-            server.output_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_subscribers(&server, &node, 1, "the XMPP client").await?;
     let mut ws = WsClient::connect(&server.ws_url(), server.admin_key()).await?;
     ws.subscribed(&node, None, None).await?;
     api.publish(&node, &json!({"id": "r1", "payload": {"t": 21.5}}))

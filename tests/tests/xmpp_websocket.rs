@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use futures_util::{SinkExt as _, StreamExt as _};
-use juxta_tests::interop::XmppJs;
-use juxta_tests::{Server, ServerOptions, WsClient, unique};
-use reqwest::Method;
+use juxta_tests::interop::{XmppJs, wait_for_subscribers, xmpp_server};
+use juxta_tests::{Server, WsClient, unique};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -24,20 +23,8 @@ fn xmpp_ws_url(server: &Server) -> String {
 
 #[tokio::test]
 async fn an_xmppjs_client_over_websocket_and_rest_exchange_items() -> Result<()> {
-    let server = Server::start(
-        // The overlay's pipe would count as a subscriber of every node; this test waits for
-        // the subscriber count to tell when the XMPP client has subscribed.
-        ServerOptions::new().env("JUXTA_P2P__ENABLED", "false"),
-    )
-    .await?;
+    let server = xmpp_server("alice", "s3cret pass").await?;
     let api = server.api();
-    api.call(
-        Method::PUT,
-        "/api/v1/accounts/alice",
-        Some(&json!({"password": "s3cret pass"})),
-    )
-    .await?
-    .expect(201)?;
     let node = unique("wsx");
     api.create_node(
         &node,
@@ -61,19 +48,7 @@ async fn an_xmppjs_client_over_websocket_and_rest_exchange_items() -> Result<()>
     )?;
 
     // Once alice is subscribed, REST publishes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let reply = api.get_node(&node).await?;
-        if reply.body["subscribers"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "xmpp.js never subscribed to {node}: {}",
-            server.output_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_subscribers(&server, &node, 2, "xmpp.js").await?;
     api.publish(&node, &json!({"id": "r1", "payload": {"t": 21.5}}))
         .await?
         .expect(201)?;
