@@ -548,6 +548,17 @@ impl Task {
                 let _ = reply.send(r);
             }
             Command::Publish(t, data, reply) => {
+                // Nobody in the pipe: say so before gossipsub signs the message (the gateway
+                // offers every stored event to its pipe, most often with no peer there).
+                let hash = t.hash();
+                if !b
+                    .gossipsub
+                    .all_peers()
+                    .any(|(_, topics)| topics.contains(&&hash))
+                {
+                    let _ = reply.send(Err(OverlayError::NoPeers));
+                    return;
+                }
                 let r = b
                     .gossipsub
                     .publish(t, data)
