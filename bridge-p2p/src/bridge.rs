@@ -110,17 +110,20 @@ pub async fn run(
     overlay: Overlay,
     mut events: mpsc::Receiver<OverlayEvent>,
     groups: Vec<String>,
+    advert_ttl: Duration,
     observer: Arc<dyn BridgeObserver>,
     shutdown: CancellationToken,
 ) {
-    let mut feeders: HashMap<NodeName, CancellationToken> = HashMap::new();
+    let mut feeders: HashMap<NodeName, (String, CancellationToken)> = HashMap::new();
     let mut scan = tokio::time::interval(NODE_SCAN_INTERVAL);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut adverts = Adverts::new(advert_ttl);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = scan.tick() => {
                 scan_nodes(&bus, &overlay, &groups, &mut feeders, &observer, &shutdown).await;
+                adverts.refresh(&overlay, &groups, &feeders).await;
             }
             event = events.recv() => match event {
                 None => break,
@@ -134,13 +137,60 @@ pub async fn run(
                         }
                     }
                 }
-                Some(OverlayEvent::MessageRejected { reason, .. }) => observer.rejected(reason),
+                Some(OverlayEvent::MessageRejected { reason, .. } | OverlayEvent::Refused { reason, .. }) => observer.rejected(reason),
                 Some(_) => {}
             },
         }
     }
-    for token in feeders.values() {
+    for (_, token) in feeders.values() {
         token.cancel();
+    }
+}
+
+/// The gateway's advertisements: one per carried group, listing its nodes, published again
+/// when the nodes change and before it expires.
+struct Adverts {
+    ttl: Duration,
+    /// Per group: the nodes advertised last, and when.
+    last: HashMap<String, (Vec<String>, tokio::time::Instant)>,
+}
+
+impl Adverts {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            last: HashMap::new(),
+        }
+    }
+
+    async fn refresh(
+        &mut self,
+        overlay: &Overlay,
+        groups: &[String],
+        feeders: &HashMap<NodeName, (String, CancellationToken)>,
+    ) {
+        for group in groups {
+            let mut nodes: Vec<String> = feeders
+                .iter()
+                .filter(|(_, (g, token))| g == group && !token.is_cancelled())
+                .map(|(n, _)| n.as_str().to_owned())
+                .collect();
+            nodes.sort();
+            let due = match self.last.get(group) {
+                None => true,
+                Some((before, at)) => *before != nodes || at.elapsed() >= self.ttl / 2,
+            };
+            if !due {
+                continue;
+            }
+            match overlay.advertise(group, nodes.clone()).await {
+                Ok(()) => {
+                    self.last
+                        .insert(group.clone(), (nodes, tokio::time::Instant::now()));
+                }
+                Err(e) => tracing::warn!(%group, error = %e, "overlay: advertising failed"),
+            }
+        }
     }
 }
 
@@ -149,11 +199,11 @@ async fn scan_nodes(
     bus: &Bus,
     overlay: &Overlay,
     groups: &[String],
-    feeders: &mut HashMap<NodeName, CancellationToken>,
+    feeders: &mut HashMap<NodeName, (String, CancellationToken)>,
     observer: &Arc<dyn BridgeObserver>,
     shutdown: &CancellationToken,
 ) {
-    feeders.retain(|_, token| !token.is_cancelled());
+    feeders.retain(|_, (_, token)| !token.is_cancelled());
     let nodes = match bus.store().nodes().await {
         Ok(n) => n,
         Err(e) => {
@@ -171,7 +221,7 @@ async fn scan_nodes(
             continue;
         }
         let token = shutdown.child_token();
-        feeders.insert(meta.name.clone(), token.clone());
+        feeders.insert(meta.name.clone(), (group.clone(), token.clone()));
         tokio::spawn(feed(
             bus.clone(),
             overlay.clone(),

@@ -13,25 +13,29 @@
 //! Rejected messages are not forwarded, their senders are penalised by gossipsub's peer
 //! scoring, and each rejection is reported as [`OverlayEvent::MessageRejected`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
+use libp2p::core::transport::ListenerId;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, TopicHash};
+use libp2p::kad::store::RecordStore as _;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, autonat, dcutr, identify, identity, kad, noise, ping, relay,
-    rendezvous, tcp, yamux,
+    Multiaddr, PeerId, Swarm, autonat, connection_limits, dcutr, identify, identity, kad, noise,
+    ping, relay, rendezvous, tcp, yamux,
 };
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::advert::{self, AdvertRole, Advertisement};
 use crate::catchup::{self, CatchUpRequest, CatchUpResponse};
 use crate::envelope::Envelope;
 use crate::group::{Credential, Group};
@@ -56,6 +60,50 @@ const EVENT_QUEUE: usize = 4096;
 /// are refused by libp2p itself; a full queue drops the answer (the requester sees the
 /// request fail and retries).
 const ANSWER_QUEUE: usize = 256;
+/// How often an edge peer looks for other members of its groups at its rendezvous points
+/// (and dials the new ones).
+const MEMBER_DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
+/// Most other members an edge peer dials by itself (gossipsub's mesh wants about 6).
+const MAX_MEMBER_DIALS: usize = 8;
+/// Longest wait for a rendezvous point's answer.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds on what one peer may hold open at this node; beyond them requests are refused and
+/// counted ([`OverlayEvent::Refused`]) while everyone else is served.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections one peer may have established with this node.
+    pub max_connections_per_peer: u32,
+    /// Incoming connections established at once, in all.
+    pub max_established_incoming: u32,
+    /// Incoming connections still handshaking at once, in all.
+    pub max_pending_incoming: u32,
+    /// Catch-up requests of one peer being answered at once.
+    pub max_catch_ups_per_peer: usize,
+    /// Relay reservations in all (gateways).
+    pub max_reservations: usize,
+    /// Relay reservations one peer may hold (gateways).
+    pub max_reservations_per_peer: usize,
+    /// Relayed circuits in all (gateways).
+    pub max_circuits: usize,
+    /// Relayed circuits one peer may have (gateways).
+    pub max_circuits_per_peer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections_per_peer: 8,
+            max_established_incoming: 10_000,
+            max_pending_incoming: 512,
+            max_catch_ups_per_peer: 8,
+            max_reservations: 4096,
+            max_reservations_per_peer: 4,
+            max_circuits: 4096,
+            max_circuits_per_peer: 64,
+        }
+    }
+}
 
 /// The pipe (gossipsub topic) of `node` in `group`: `juxta/<group>/<node>`.
 pub fn topic(group: &str, node: &str) -> IdentTopic {
@@ -92,6 +140,15 @@ pub struct Config {
     pub idle_connection_timeout: Duration,
     /// Gossipsub heartbeat interval.
     pub heartbeat: Duration,
+    /// Addresses others reach this node at, beyond what it listens on (a gateway behind a
+    /// port forward or load balancer). A gateway also counts its concrete listen addresses
+    /// (loopback ones only when it listens on nothing else).
+    pub external: Vec<Multiaddr>,
+    /// Lifetime of this node's advertisements (and rendezvous registrations); they are
+    /// refreshed at half of it.
+    pub advert_ttl: Duration,
+    /// Per-peer and total bounds.
+    pub limits: Limits,
 }
 
 impl Config {
@@ -104,6 +161,9 @@ impl Config {
             groups: vec![Group::public()],
             idle_connection_timeout: DEFAULT_IDLE_CONNECTION_TIMEOUT,
             heartbeat: DEFAULT_HEARTBEAT,
+            external: Vec::new(),
+            advert_ttl: advert::DEFAULT_ADVERT_TTL,
+            limits: Limits::default(),
         }
     }
 }
@@ -142,6 +202,9 @@ pub enum OverlayError {
     /// The catch-up request failed (not answered, connection lost, refused stream …).
     #[error("catch-up request: {0}")]
     CatchUp(String),
+    /// A Kademlia or rendezvous lookup failed.
+    #[error("lookup: {0}")]
+    Lookup(String),
     /// The node's task has stopped.
     #[error("the overlay node has stopped")]
     Stopped,
@@ -184,6 +247,22 @@ pub enum OverlayEvent {
     PeerConnected(PeerId),
     /// A peer's last connection went down.
     PeerDisconnected(PeerId),
+    /// Something a peer asked for was refused to protect this node (a limit was reached, a
+    /// record did not check out); `reason` is a stable code for metrics.
+    Refused {
+        /// Why: `connection_limit`, `catch_up_limit`, `relay_reservation_denied`,
+        /// `relay_circuit_denied`, `provider_key`, or an `advert_*` code.
+        reason: &'static str,
+        /// The peer, when known.
+        peer: Option<PeerId>,
+    },
+    /// A hole punch (DCUtR) through a relayed connection ended.
+    HolePunch {
+        /// The other peer.
+        peer: PeerId,
+        /// Whether a direct connection now exists.
+        direct: bool,
+    },
 }
 
 /// The composed behaviour.
@@ -193,6 +272,7 @@ pub enum OverlayEvent {
 )]
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     gossipsub: gossipsub::Behaviour<
@@ -240,6 +320,12 @@ enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     TopicPeers(IdentTopic, oneshot::Sender<usize>),
+    Advertise(String, Vec<String>, Reply<()>),
+    GetProviders(kad::RecordKey, Reply<HashSet<PeerId>>),
+    GetRecord(kad::RecordKey, Reply<Vec<kad::Record>>),
+    RendezvousDiscover(String, PeerId, Reply<Vec<(PeerId, Vec<Multiaddr>)>>),
+    PutRecord(kad::Record, Reply<()>),
+    Listen(Multiaddr, Reply<()>),
 }
 
 /// A handle to a running overlay node. Cheap to clone; the node stops when every handle
@@ -269,7 +355,10 @@ impl Overlay {
         catch_up: Option<Arc<dyn CatchUpSource>>,
     ) -> Result<(Self, mpsc::Receiver<OverlayEvent>), OverlayError> {
         let local = keypair.public().to_peer_id();
+        let signer = keypair.clone();
         let gateway = config.role == Role::Gateway;
+        let limits = config.limits;
+        let advert_ttl = config.advert_ttl;
         let alone = config.bootstrap.is_empty();
         let gossip_config = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(config.heartbeat)
@@ -319,11 +408,25 @@ impl Overlay {
                     // Nothing to bootstrap from until peers dial in.
                     kad_config.set_periodic_bootstrap_interval(None);
                 }
-                let mut kad = kad::Behaviour::with_config(
+                // Advertisements: every stored record is checked first (`kad_inbound`);
+                // this node refreshes its own, Kademlia republishes provider records.
+                kad_config
+                    .set_max_packet_size(advert::MAX_ADVERT_BYTES + 16 * 1024)
+                    .set_record_filtering(kad::StoreInserts::FilterBoth)
+                    .set_record_ttl(Some(advert_ttl))
+                    .set_publication_interval(None)
+                    .set_provider_record_ttl(Some(advert_ttl))
+                    .set_provider_publication_interval(Some(advert_ttl / 2));
+                let store = kad::store::MemoryStore::with_config(
                     peer,
-                    kad::store::MemoryStore::new(peer),
-                    kad_config,
+                    kad::store::MemoryStoreConfig {
+                        max_records: 65_536,
+                        max_value_bytes: advert::MAX_ADVERT_BYTES,
+                        max_providers_per_key: 1024,
+                        max_provided_keys: 65_536,
+                    },
                 );
+                let mut kad = kad::Behaviour::with_config(peer, store, kad_config);
                 if gateway {
                     kad.set_mode(Some(kad::Mode::Server));
                 }
@@ -332,12 +435,19 @@ impl Overlay {
                     // cut-off; reservations and circuits stay bounded in number.
                     max_circuit_duration: Duration::from_secs(24 * 3600),
                     max_circuit_bytes: 0,
-                    max_reservations: 1024,
-                    max_circuits: 1024,
-                    max_circuits_per_peer: 16,
+                    max_reservations: limits.max_reservations,
+                    max_reservations_per_peer: limits.max_reservations_per_peer,
+                    max_circuits: limits.max_circuits,
+                    max_circuits_per_peer: limits.max_circuits_per_peer,
                     ..relay::Config::default()
                 };
                 Ok(Behaviour {
+                    limits: connection_limits::Behaviour::new(
+                        connection_limits::ConnectionLimits::default()
+                            .with_max_established_per_peer(Some(limits.max_connections_per_peer))
+                            .with_max_established_incoming(Some(limits.max_established_incoming))
+                            .with_max_pending_incoming(Some(limits.max_pending_incoming)),
+                    ),
                     identify: identify::Behaviour::new(identify::Config::new(
                         PROTOCOL_VERSION.to_owned(),
                         key.public(),
@@ -361,7 +471,10 @@ impl Overlay {
                             .set_response_size_maximum(catchup::MAX_RESPONSE_BYTES),
                         [(catchup::PROTOCOL, ProtocolSupport::Full)],
                         request_response::Config::default()
-                            .with_request_timeout(Duration::from_secs(30)),
+                            .with_request_timeout(Duration::from_secs(30))
+                            // Streams beyond this are dropped by libp2p unanswered; below
+                            // it, `max_catch_ups_per_peer` refuses with a reason, counted.
+                            .with_max_concurrent_streams(limits.max_catch_ups_per_peer.max(8) * 8),
                     ),
                 })
             })
@@ -376,6 +489,9 @@ impl Overlay {
                     addr: addr.clone(),
                     reason: e.to_string(),
                 })?;
+        }
+        for addr in &config.external {
+            swarm.add_external_address(addr.clone());
         }
         let mut trusted = HashSet::new();
         for addr in &config.bootstrap {
@@ -394,7 +510,21 @@ impl Overlay {
             .iter()
             .map(|g| (g.name.clone(), g.clone()))
             .collect();
+        let loopback_only = config.listen.iter().all(is_loopback);
         let task = Task {
+            role: config.role,
+            signer,
+            advert_ttl,
+            limits,
+            loopback_only,
+            relay_listeners: HashMap::new(),
+            reserved_at: HashSet::new(),
+            registered: HashMap::new(),
+            kad_providers: HashMap::new(),
+            kad_records: HashMap::new(),
+            pending_rendezvous: HashMap::new(),
+            provided: HashMap::new(),
+            catch_ups_in_flight: HashMap::new(),
             swarm,
             events,
             groups,
@@ -489,14 +619,97 @@ impl Overlay {
             .map_err(|_| OverlayError::Stopped)?;
         rx.await.map_err(|_| OverlayError::Stopped)
     }
+
+    /// Publishes (or refreshes) this node's signed advertisement in `group`, serving
+    /// `nodes`: a Kademlia record, and provider records for the group and each node (those
+    /// no longer served stop being provided).
+    pub async fn advertise(&self, group: &str, nodes: Vec<String>) -> Result<(), OverlayError> {
+        let group = group.to_owned();
+        self.call(|r| Command::Advertise(group, nodes, r)).await
+    }
+
+    /// Stores `record` in the DHT as it is (peers check it before they keep it).
+    pub async fn put_record(&self, record: kad::Record) -> Result<(), OverlayError> {
+        self.call(|r| Command::PutRecord(record, r)).await
+    }
+
+    /// Listens on `addr` as well; a `…/p2p/<relay>/p2p-circuit` address takes a relay
+    /// reservation.
+    pub async fn listen(&self, addr: Multiaddr) -> Result<(), OverlayError> {
+        self.call(|r| Command::Listen(addr, r)).await
+    }
+
+    /// The peers providing `key` (see [`crate::advert`]), this node included.
+    pub async fn get_providers(
+        &self,
+        key: kad::RecordKey,
+    ) -> Result<HashSet<PeerId>, OverlayError> {
+        self.call(|r| Command::GetProviders(key, r)).await
+    }
+
+    /// The Kademlia records stored under `key`, unchecked.
+    pub async fn get_record(&self, key: kad::RecordKey) -> Result<Vec<kad::Record>, OverlayError> {
+        self.call(|r| Command::GetRecord(key, r)).await
+    }
+
+    /// The peers registered in namespace `group` at the rendezvous point `point` (a
+    /// connected gateway), with their addresses.
+    pub async fn rendezvous_discover(
+        &self,
+        group: &str,
+        point: PeerId,
+    ) -> Result<Vec<(PeerId, Vec<Multiaddr>)>, OverlayError> {
+        let group = group.to_owned();
+        tokio::time::timeout(
+            RENDEZVOUS_TIMEOUT,
+            self.call(|r| Command::RendezvousDiscover(group, point, r)),
+        )
+        .await
+        .map_err(|_| OverlayError::Lookup("the rendezvous point did not answer".into()))?
+    }
 }
 
 type Answer = (
+    PeerId,
     request_response::ResponseChannel<CatchUpResponse>,
     CatchUpResponse,
 );
 
+type Registrations = Vec<(PeerId, Vec<Multiaddr>)>;
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
 struct Task {
+    role: Role,
+    /// Signs this node's advertisements.
+    signer: identity::Keypair,
+    advert_ttl: Duration,
+    limits: Limits,
+    /// The node listens on loopback addresses only (tests, one machine).
+    loopback_only: bool,
+    /// Edge peers: relayed listeners (reservations) by relay (gateway).
+    relay_listeners: HashMap<ListenerId, PeerId>,
+    /// Edge peers: gateways that accepted our reservation.
+    reserved_at: HashSet<PeerId>,
+    /// Edge peers: when each rendezvous point last took our registration.
+    registered: HashMap<PeerId, std::time::Instant>,
+    kad_providers: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<HashSet<PeerId>>)>,
+    kad_records: HashMap<kad::QueryId, (Vec<kad::Record>, Reply<Vec<kad::Record>>)>,
+    /// Discover requests waiting for a rendezvous point's answer, by point.
+    pending_rendezvous: HashMap<PeerId, Vec<(String, Reply<Registrations>)>>,
+    /// What this node provides, by group: the nodes it advertised last.
+    provided: HashMap<String, BTreeSet<String>>,
+    catch_ups_in_flight: HashMap<PeerId, usize>,
     swarm: Swarm<Behaviour>,
     events: mpsc::Sender<OverlayEvent>,
     groups: HashMap<String, Group>,
@@ -510,7 +723,8 @@ struct Task {
     metrics: Option<libp2p::metrics::Metrics>,
 }
 
-fn now_secs() -> u64 {
+/// Seconds since the Unix epoch.
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -518,15 +732,24 @@ fn now_secs() -> u64 {
 
 impl Task {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut members = tokio::time::interval(MEMBER_DISCOVERY_INTERVAL);
+        members.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(c) => self.command(c),
                     None => return,
                 },
-                Some((channel, response)) = self.answers.1.recv() => {
+                Some((peer, channel, response)) = self.answers.1.recv() => {
+                    if let Some(n) = self.catch_ups_in_flight.get_mut(&peer) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.catch_ups_in_flight.remove(&peer);
+                        }
+                    }
                     let _ = self.swarm.behaviour_mut().catchup.send_response(channel, response);
                 }
+                _ = members.tick(), if self.role == Role::Edge => self.find_members(),
                 event = self.swarm.select_next_some() => {
                     if self.swarm_event(event).await.is_err() {
                         return;
@@ -600,7 +823,153 @@ impl Task {
                     .count();
                 let _ = reply.send(n);
             }
+            Command::Advertise(group, nodes, reply) => {
+                let _ = reply.send(self.advertise(&group, nodes));
+            }
+            Command::GetProviders(key, reply) => {
+                let id = b.kad.get_providers(key);
+                self.kad_providers.insert(id, (HashSet::new(), reply));
+            }
+            Command::PutRecord(record, reply) => {
+                let r = b
+                    .kad
+                    .put_record(record, kad::Quorum::One)
+                    .map(|_| ())
+                    .map_err(|e| OverlayError::Publish(e.to_string()));
+                let _ = reply.send(r);
+            }
+            Command::Listen(addr, reply) => {
+                let r = self.swarm.listen_on(addr.clone()).map(|_| ()).map_err(|e| {
+                    OverlayError::Listen {
+                        addr,
+                        reason: e.to_string(),
+                    }
+                });
+                let _ = reply.send(r);
+            }
+            Command::GetRecord(key, reply) => {
+                let id = b.kad.get_record(key);
+                self.kad_records.insert(id, (Vec::new(), reply));
+            }
+            Command::RendezvousDiscover(group, point, reply) => {
+                let namespace = match rendezvous::Namespace::new(group.clone()) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = reply.send(Err(OverlayError::Lookup(e.to_string())));
+                        return;
+                    }
+                };
+                b.rendezvous_client
+                    .discover(Some(namespace), None, None, point);
+                self.pending_rendezvous
+                    .entry(point)
+                    .or_default()
+                    .push((group, reply));
+            }
         }
+    }
+
+    /// Signs and stores this node's advertisement in `group`, and provides the group's and
+    /// the nodes' keys.
+    fn advertise(&mut self, group: &str, nodes: Vec<String>) -> Result<(), OverlayError> {
+        if !self.groups.contains_key(group) {
+            return Err(OverlayError::UnknownGroup(group.to_owned()));
+        }
+        let now = now_secs();
+        let addrs: Vec<Multiaddr> = self
+            .swarm
+            .external_addresses()
+            .cloned()
+            .chain(self.swarm.listeners().cloned())
+            .filter(|a| self.loopback_only || is_relayed(a) || !is_loopback(a))
+            .collect();
+        let role = match self.role {
+            Role::Gateway => AdvertRole::Gateway,
+            Role::Edge => AdvertRole::Edge,
+        };
+        let ad = Advertisement::new(
+            self.swarm.local_peer_id().to_owned(),
+            group,
+            role,
+            nodes,
+            addrs,
+            now,
+            self.advert_ttl,
+        );
+        let value = ad
+            .sign(&self.signer)
+            .map_err(|e| OverlayError::Publish(e.to_string()))?;
+        let mut record = kad::Record::new(advert::advert_key(group, &ad.peer), value);
+        record.expires = Some(std::time::Instant::now() + self.advert_ttl);
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        // With no other Kademlia server around the query fails its quorum; the record is
+        // stored here all the same and served from here.
+        kad.put_record(record, kad::Quorum::One)
+            .map_err(|e| OverlayError::Publish(e.to_string()))?;
+        let now_serving: BTreeSet<String> = ad.nodes.iter().cloned().collect();
+        let before = self.provided.remove(group).unwrap_or_default();
+        for gone in before.difference(&now_serving) {
+            kad.stop_providing(&advert::pipe_key(group, gone));
+        }
+        let mut keys = vec![advert::group_key(group)];
+        keys.extend(
+            now_serving
+                .difference(&before)
+                .map(|n| advert::pipe_key(group, n)),
+        );
+        for key in keys {
+            if let Err(e) = kad.start_providing(key) {
+                tracing::warn!(error = %e, "overlay: providing a key failed");
+            }
+        }
+        self.provided.insert(group.to_owned(), now_serving);
+        Ok(())
+    }
+
+    /// Edge peers: asks each gateway holding our reservation for the groups' other members,
+    /// and renews registrations due for it.
+    fn find_members(&mut self) {
+        let due = self.advert_ttl / 2;
+        let points: Vec<PeerId> = self.reserved_at.iter().copied().collect();
+        for point in points {
+            if self
+                .registered
+                .get(&point)
+                .is_none_or(|at| at.elapsed() >= due)
+            {
+                self.register_at(point);
+            }
+            for group in self.groups.keys() {
+                if let Ok(ns) = rendezvous::Namespace::new(group.clone()) {
+                    self.swarm.behaviour_mut().rendezvous_client.discover(
+                        Some(ns),
+                        None,
+                        None,
+                        point,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Edge peers: registers in every group's namespace at the rendezvous point `point`.
+    fn register_at(&mut self, point: PeerId) {
+        let ttl = self.advert_ttl.as_secs().max(rendezvous::MIN_TTL);
+        for group in self.groups.keys() {
+            let Ok(ns) = rendezvous::Namespace::new(group.clone()) else {
+                continue;
+            };
+            if let Err(e) =
+                self.swarm
+                    .behaviour_mut()
+                    .rendezvous_client
+                    .register(ns, point, Some(ttl))
+            {
+                tracing::debug!(%point, error = %e, "overlay: rendezvous registration");
+                return;
+            }
+        }
+        self.registered.insert(point, std::time::Instant::now());
     }
 
     /// Checks a pipe message; the group and envelope when it is acceptable.
@@ -633,14 +1002,52 @@ impl Task {
     async fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) -> Result<(), ()> {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
+                // A gateway is reachable where it listens: confirming those addresses lets
+                // the relay server accept reservations and Kademlia answer as a server.
+                if self.role == Role::Gateway
+                    && !is_relayed(&address)
+                    && (self.loopback_only || !is_loopback(&address))
+                {
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.emit(OverlayEvent::Listening(address)).await
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 num_established,
+                endpoint,
                 ..
-            } if num_established.get() == 1 => {
-                self.emit(OverlayEvent::PeerConnected(peer_id)).await
+            } => {
+                if self.role == Role::Edge
+                    && self.trusted.contains(&peer_id)
+                    && endpoint.is_dialer()
+                    && !is_relayed(endpoint.get_remote_address())
+                {
+                    self.reserve(peer_id, endpoint.get_remote_address().clone());
+                }
+                if num_established.get() == 1 {
+                    return self.emit(OverlayEvent::PeerConnected(peer_id)).await;
+                }
+                Ok(())
+            }
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                if let Some(relay) = self.relay_listeners.remove(&listener_id) {
+                    self.reserved_at.remove(&relay);
+                    self.registered.remove(&relay);
+                }
+                Ok(())
+            }
+            SwarmEvent::IncomingConnectionError {
+                error: ListenError::Denied { cause },
+                send_back_addr,
+                ..
+            } => {
+                tracing::debug!(%send_back_addr, %cause, "overlay: refused a connection");
+                self.emit(OverlayEvent::Refused {
+                    reason: "connection_limit",
+                    peer: None,
+                })
+                .await
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -655,6 +1062,26 @@ impl Task {
             }
             SwarmEvent::Behaviour(event) => self.behaviour_event(event).await,
             _ => Ok(()),
+        }
+    }
+
+    /// Edge peers: takes a reservation on the gateway `relay` (reached at `addr`), so that
+    /// other peers can reach this one through it, and hole punching can start from there.
+    fn reserve(&mut self, relay: PeerId, addr: Multiaddr) {
+        if self.relay_listeners.values().any(|r| *r == relay) {
+            return;
+        }
+        let mut circuit: Multiaddr = addr
+            .iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .collect();
+        circuit.push(Protocol::P2p(relay));
+        circuit.push(Protocol::P2pCircuit);
+        match self.swarm.listen_on(circuit.clone()) {
+            Ok(id) => {
+                self.relay_listeners.insert(id, relay);
+            }
+            Err(e) => tracing::warn!(%circuit, error = %e, "overlay: relay reservation"),
         }
     }
 
@@ -687,14 +1114,32 @@ impl Task {
                 }
                 Ok(())
             }
-            BehaviourEvent::Catchup(e) => {
-                self.catch_up_event(e);
-                Ok(())
-            }
+            BehaviourEvent::Catchup(e) => match self.catch_up_event(e) {
+                Some(event) => self.emit(event).await,
+                None => Ok(()),
+            },
             BehaviourEvent::Kad(e) => {
                 if let Some(m) = &mut self.metrics {
                     libp2p::metrics::Recorder::record(m, &e);
                 }
+                self.kad_event(e).await
+            }
+            BehaviourEvent::RelayClient(e) => {
+                if let relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal: false,
+                    ..
+                } = e
+                {
+                    tracing::info!(relay = %relay_peer_id, "overlay: relay reservation accepted");
+                    self.reserved_at.insert(relay_peer_id);
+                    self.register_at(relay_peer_id);
+                    self.find_members();
+                }
+                Ok(())
+            }
+            BehaviourEvent::RendezvousClient(e) => {
+                self.rendezvous_event(e);
                 Ok(())
             }
             BehaviourEvent::Ping(e) => {
@@ -707,13 +1152,41 @@ impl Task {
                 if let Some(m) = &mut self.metrics {
                     libp2p::metrics::Recorder::record(m, &e);
                 }
+                let refused = match e {
+                    relay::Event::ReservationReqDenied { src_peer_id, .. } => {
+                        Some(("relay_reservation_denied", src_peer_id))
+                    }
+                    relay::Event::CircuitReqDenied { src_peer_id, .. } => {
+                        Some(("relay_circuit_denied", src_peer_id))
+                    }
+                    _ => None,
+                };
+                if let Some((reason, peer)) = refused {
+                    return self
+                        .emit(OverlayEvent::Refused {
+                            reason,
+                            peer: Some(peer),
+                        })
+                        .await;
+                }
                 Ok(())
             }
             BehaviourEvent::Dcutr(e) => {
                 if let Some(m) = &mut self.metrics {
                     libp2p::metrics::Recorder::record(m, &e);
                 }
-                Ok(())
+                let peer = e.remote_peer_id;
+                let direct = match &e.result {
+                    Ok(_) => {
+                        tracing::info!("dcutr: direct connection upgraded {peer}");
+                        true
+                    }
+                    Err(error) => {
+                        tracing::info!("dcutr: hole punch failed {peer}: {error}");
+                        false
+                    }
+                };
+                self.emit(OverlayEvent::HolePunch { peer, direct }).await
             }
             _ => Ok(()),
         }
@@ -752,7 +1225,11 @@ impl Task {
         }
     }
 
-    fn catch_up_event(&mut self, event: request_response::Event<CatchUpRequest, CatchUpResponse>) {
+    /// Handles a catch-up protocol event; what to report, if anything.
+    fn catch_up_event(
+        &mut self,
+        event: request_response::Event<CatchUpRequest, CatchUpResponse>,
+    ) -> Option<OverlayEvent> {
         use request_response::{Event, Message};
         match event {
             Event::Message {
@@ -764,13 +1241,30 @@ impl Task {
                 ..
             } => {
                 let answers = self.answers.0.clone();
+                let in_flight = self.catch_ups_in_flight.entry(peer).or_default();
+                *in_flight += 1;
+                if *in_flight > self.limits.max_catch_ups_per_peer {
+                    let _ = answers.try_send((
+                        peer,
+                        channel,
+                        CatchUpResponse::refused(
+                            "too_many_requests",
+                            "too many catch-up requests at once; wait for the answers",
+                        ),
+                    ));
+                    return Some(OverlayEvent::Refused {
+                        reason: "catch_up_limit",
+                        peer: Some(peer),
+                    });
+                }
                 let response = self.check_catch_up(&peer, &request);
                 match (response, &self.catch_up) {
                     (Some(refusal), _) => {
-                        let _ = answers.try_send((channel, refusal));
+                        let _ = answers.try_send((peer, channel, refusal));
                     }
                     (None, None) => {
                         let _ = answers.try_send((
+                            peer,
                             channel,
                             CatchUpResponse::refused("unavailable", "this peer serves no history"),
                         ));
@@ -778,7 +1272,7 @@ impl Task {
                     (None, Some(source)) => {
                         let page = source.page(peer, request);
                         tokio::spawn(async move {
-                            let _ = answers.send((channel, page.await)).await;
+                            let _ = answers.send((peer, channel, page.await)).await;
                         });
                     }
                 }
@@ -801,6 +1295,162 @@ impl Task {
                 if let Some(reply) = self.pending_catch_up.remove(&request_id) {
                     let _ = reply.send(Err(OverlayError::CatchUp(error.to_string())));
                 }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// Kademlia: checks what peers store here, and collects lookups' answers.
+    async fn kad_event(&mut self, event: kad::Event) -> Result<(), ()> {
+        match event {
+            kad::Event::InboundRequest { request } => {
+                let refused = match request {
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    } => match Advertisement::verify_record(&record, now_secs()) {
+                        Ok(_) => {
+                            if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
+                                tracing::debug!(error = %e, "overlay: storing a record");
+                            }
+                            None
+                        }
+                        Err(e) => Some((e.code(), Some(source))),
+                    },
+                    kad::InboundRequest::AddProvider {
+                        record: Some(record),
+                    } => {
+                        if advert::is_provider_key(&record.key) {
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .kad
+                                .store_mut()
+                                .add_provider(record);
+                            None
+                        } else {
+                            Some(("provider_key", Some(record.provider)))
+                        }
+                    }
+                    _ => None,
+                };
+                if let Some((reason, peer)) = refused {
+                    tracing::debug!(?peer, reason, "overlay: refused a Kademlia record");
+                    return self.emit(OverlayEvent::Refused { reason, peer }).await;
+                }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
+                kad::QueryResult::GetProviders(r) => {
+                    if let Some((found, _)) = self.kad_providers.get_mut(&id)
+                        && let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = r
+                    {
+                        found.extend(providers);
+                    }
+                    if step.last
+                        && let Some((found, reply)) = self.kad_providers.remove(&id)
+                    {
+                        let _ = reply.send(Ok(found));
+                    }
+                }
+                kad::QueryResult::GetRecord(r) => {
+                    if let Some((found, _)) = self.kad_records.get_mut(&id)
+                        && let Ok(kad::GetRecordOk::FoundRecord(peer_record)) = r
+                    {
+                        found.push(peer_record.record);
+                    }
+                    if step.last
+                        && let Some((found, reply)) = self.kad_records.remove(&id)
+                    {
+                        let _ = reply.send(Ok(found));
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Rendezvous (edge peers): answers discover requests and dials members found.
+    fn rendezvous_event(&mut self, event: rendezvous::client::Event) {
+        use rendezvous::client::Event;
+        match event {
+            Event::Discovered {
+                rendezvous_node,
+                registrations,
+                ..
+            } => {
+                let local = *self.swarm.local_peer_id();
+                let found: Vec<(String, PeerId, Vec<Multiaddr>)> = registrations
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.namespace.to_string(),
+                            r.record.peer_id(),
+                            r.record.addresses().to_vec(),
+                        )
+                    })
+                    .collect();
+                if let Some(waiting) = self.pending_rendezvous.remove(&rendezvous_node) {
+                    for (group, reply) in waiting {
+                        let peers = found
+                            .iter()
+                            .filter(|(ns, _, _)| *ns == group)
+                            .map(|(_, p, a)| (*p, a.clone()))
+                            .collect();
+                        let _ = reply.send(Ok(peers));
+                    }
+                }
+                if self.role != Role::Edge {
+                    return;
+                }
+                // Join other members directly (through the relay, then hole punching):
+                // gossip then also flows peer to peer.
+                let connected = self
+                    .swarm
+                    .connected_peers()
+                    .filter(|p| !self.trusted.contains(p))
+                    .count();
+                let room = MAX_MEMBER_DIALS.saturating_sub(connected);
+                let dial: Vec<(PeerId, Vec<Multiaddr>)> = found
+                    .into_iter()
+                    .filter(|(_, p, a)| *p != local && !a.is_empty() && !self.swarm.is_connected(p))
+                    .map(|(_, p, a)| (p, a))
+                    .take(room)
+                    .collect();
+                for (peer, addrs) in dial {
+                    tracing::debug!(%peer, "overlay: dialing a group member");
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %e, "overlay: dialing a member");
+                    }
+                }
+            }
+            Event::DiscoverFailed {
+                rendezvous_node,
+                error,
+                ..
+            } => {
+                if let Some(waiting) = self.pending_rendezvous.remove(&rendezvous_node) {
+                    for (_, reply) in waiting {
+                        let _ = reply.send(Err(OverlayError::Lookup(format!("{error:?}"))));
+                    }
+                }
+            }
+            Event::RegisterFailed {
+                rendezvous_node,
+                error,
+                ..
+            } => {
+                tracing::debug!(%rendezvous_node, ?error, "overlay: rendezvous registration refused");
+                self.registered.remove(&rendezvous_node);
             }
             _ => {}
         }

@@ -50,6 +50,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::advert;
 use crate::catchup::{self, CatchUpRequest, CatchUpResponse, Page};
 use crate::envelope::{Envelope, Kind, MAX_ENVELOPE_BYTES};
 use crate::group::{Credential, Group, Membership, PUBLIC_GROUP, validate_group_name};
@@ -374,6 +375,7 @@ impl EdgePeer {
         let (gateways, subscribe) = config.check(&peer_id)?;
         let mut node_config = node::Config::new(Role::Edge);
         node_config.listen = config.listen.clone();
+        let advert_ttl = node_config.advert_ttl;
         node_config.bootstrap = config.bootstrap.clone();
         // Open here even for a protected group: an edge peer has neither the group's public
         // key nor the other members' credentials (gateways learn those from catch-up
@@ -412,6 +414,9 @@ impl EdgePeer {
             connections: connections.clone(),
             redial_at: Some(now + FIRST_REDIAL),
             redial_backoff: RETRY_MIN,
+            advertise_at: None,
+            advert_ttl,
+            subscribed: subscribe.iter().map(|n| n.as_str().to_owned()).collect(),
             ready: VecDeque::new(),
             out: tx,
         };
@@ -615,6 +620,73 @@ fn next_seq(last: &AtomicU64, now_us: u64) -> u64 {
 /// gateways have received what was published ([`EdgePeer::flush`]) and returns; otherwise
 /// it goes on printing events. Without `publish` the input is not read and it runs until
 /// the overlay node stops (an error) or writing fails.
+/// Finds what `group` offers (`juxta peer --discover`): joins through `config.bootstrap`
+/// without following any node, then asks the gateways' Kademlia records and rendezvous
+/// registrations ([`advert::discover`]) until a gateway's advertisement turns up or
+/// `patience` runs out (then returns what was found).
+pub async fn discover(
+    keypair: identity::Keypair,
+    mut config: PeerConfig,
+    patience: Duration,
+) -> Result<advert::Discovery, PeerError> {
+    config.subscribe.clear();
+    config.after.clear();
+    let group = config.group.clone();
+    let peer = EdgePeer::join(keypair, config).await?;
+    let deadline = Instant::now() + patience;
+    loop {
+        let connected = peer.overlay.connected_peers().await?;
+        let points: Vec<PeerId> = peer
+            .gateways
+            .iter()
+            .filter(|g| connected.contains(g))
+            .copied()
+            .collect();
+        if !points.is_empty() {
+            let found = advert::discover(&peer.overlay, &group, &points).await?;
+            let gateway_found = found
+                .peers
+                .iter()
+                .any(|p| p.role == Some(advert::AdvertRole::Gateway));
+            if gateway_found || Instant::now() >= deadline {
+                return Ok(found);
+            }
+        } else if Instant::now() >= deadline {
+            return Err(PeerError::Config(
+                "no bootstrap gateway could be reached".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// [`discover`]'s answer as JSON lines: one `{"type":"node",…}` per node with the peers
+/// serving it, then one `{"type":"peer",…}` per peer found.
+pub fn discovery_lines(d: &advert::Discovery) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (node, peers) in &d.nodes {
+        lines.push(
+            serde_json::json!({"type": "node", "group": d.group, "node": node, "peers": peers})
+                .to_string(),
+        );
+    }
+    for p in &d.peers {
+        let mut v = serde_json::to_value(p).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("type".into(), "peer".into());
+            o.insert("group".into(), d.group.clone().into());
+        }
+        lines.push(v.to_string());
+    }
+    for (reason, n) in &d.refused {
+        lines.push(
+            serde_json::json!({"type": "refused", "group": d.group, "reason": reason, "count": n})
+                .to_string(),
+        );
+    }
+    lines
+}
+
 pub async fn run_cli(
     keypair: identity::Keypair,
     config: PeerConfig,
@@ -1125,6 +1197,12 @@ struct Driver {
     connections: Arc<AtomicU64>,
     redial_at: Option<Instant>,
     redial_backoff: Duration,
+    /// When to publish this peer's advertisement (again): soon after a gateway connection
+    /// comes up, then at half its lifetime.
+    advertise_at: Option<Instant>,
+    advert_ttl: Duration,
+    /// The nodes this peer follows, for its advertisement.
+    subscribed: Vec<String>,
     /// Peer events produced and not yet handed over.
     ready: VecDeque<PeerEvent>,
     out: mpsc::Sender<PeerEvent>,
@@ -1152,7 +1230,9 @@ impl Driver {
                     self.catch_up_done(i, result, Instant::now());
                 }
                 () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
-                    self.redial(Instant::now()).await;
+                    let now = Instant::now();
+                    self.redial(now).await;
+                    self.advertise(now).await;
                 }
             }
         }
@@ -1221,10 +1301,25 @@ impl Driver {
         let retry = (self.in_flight.len() < MAX_CATCH_UPS_IN_FLIGHT)
             .then(|| self.queue.first().map(|&(at, _)| at))
             .flatten();
-        match (retry, self.redial_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        [retry, self.redial_at, self.advertise_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Publishes this peer's advertisement when due (see [`crate::advert`]).
+    async fn advertise(&mut self, now: Instant) {
+        if self.advertise_at.is_none_or(|at| at > now) {
+            return;
         }
+        if let Err(e) = self
+            .overlay
+            .advertise(&self.group, self.subscribed.clone())
+            .await
+        {
+            tracing::debug!(error = %e, "edge peer: advertising failed");
+        }
+        self.advertise_at = Some(now + self.advert_ttl / 2);
     }
 
     fn overlay_event(&mut self, event: OverlayEvent, now: Instant) {
@@ -1249,6 +1344,8 @@ impl Driver {
                 self.connections.fetch_add(1, Ordering::AcqRel);
                 self.redial_at = None;
                 self.redial_backoff = RETRY_MIN;
+                // Once Kademlia knows the gateway (identify runs first).
+                self.advertise_at = Some(now + PIPE_SETTLE);
                 // Whatever went by while disconnected (or while joining) comes from history,
                 // once the pipe's subscription has surely reached the gateway.
                 let at = now + PIPE_SETTLE;

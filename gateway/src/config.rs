@@ -54,6 +54,10 @@ pub struct P2pConfig {
     /// Peers (other gateways) to dial at start, as multiaddrs ending in `/p2p/<peer id>`;
     /// their stored events are trusted.
     pub bootstrap: Vec<String>,
+    /// Addresses peers reach this gateway at when they differ from `listen` (a public
+    /// address in front of a NAT or load balancer); used in relay reservations and
+    /// advertisements.
+    pub external: Vec<String>,
 }
 
 impl Default for P2pConfig {
@@ -62,6 +66,7 @@ impl Default for P2pConfig {
             enabled: true,
             listen: vec![DEFAULT_P2P.to_owned()],
             bootstrap: Vec::new(),
+            external: Vec::new(),
         }
     }
 }
@@ -392,6 +397,7 @@ impl Config {
         for (key, addrs) in [
             ("p2p.listen", &self.p2p.listen),
             ("p2p.bootstrap", &self.p2p.bootstrap),
+            ("p2p.external", &self.p2p.external),
         ] {
             for a in addrs {
                 a.parse::<libp2p::Multiaddr>()

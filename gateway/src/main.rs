@@ -137,6 +137,14 @@ enum Command {
         /// Print this peer's id and exit (for `juxta group admit --peer`).
         #[arg(long)]
         print_peer_id: bool,
+        /// Print which nodes group GROUP offers and which peers serve them (JSON lines),
+        /// then exit.
+        #[arg(long, value_name = "GROUP", conflicts_with_all = ["subscribe", "publish", "group"])]
+        discover: Option<String>,
+        /// Where to listen, so hole punching can reuse the port (repeatable; default: any
+        /// TCP and QUIC port). `none` listens nowhere.
+        #[arg(long)]
+        listen: Vec<String>,
     },
     /// Manage the overlay's protected peer groups.
     Group {
@@ -308,6 +316,8 @@ fn main() -> anyhow::Result<()> {
             publish,
             identity_dir,
             print_peer_id,
+            discover,
+            listen,
         } => {
             use juxta_bridge_p2p::group::Credential;
             use juxta_bridge_p2p::peer::{PeerConfig, parse_after, run_cli};
@@ -325,7 +335,18 @@ fn main() -> anyhow::Result<()> {
                     })
                     .collect::<anyhow::Result<_>>()?,
             );
-            config.group = group;
+            config.group = discover.clone().unwrap_or(group);
+            config.listen = match listen.as_slice() {
+                [] => vec![
+                    "/ip4/0.0.0.0/tcp/0".parse()?,
+                    "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+                ],
+                [none] if none == "none" => Vec::new(),
+                addrs => addrs
+                    .iter()
+                    .map(|a| a.parse().map_err(|e| anyhow::anyhow!("--listen {a}: {e}")))
+                    .collect::<anyhow::Result<_>>()?,
+            };
             if let Some(path) = credential {
                 let text = std::fs::read_to_string(&path)
                     .with_context(|| format!("reading {}", path.display()))?;
@@ -343,7 +364,19 @@ fn main() -> anyhow::Result<()> {
                 .map(juxta_core::NodeName::new)
                 .transpose()?;
             let stop = publish.is_some();
-            init_logs("warn", LogFormat::Text);
+            let level = std::env::var("JUXTA_LOG__LEVEL").unwrap_or_else(|_| "warn".into());
+            init_logs(&level, LogFormat::Text);
+            if discover.is_some() {
+                let found = rt.block_on(juxta_bridge_p2p::peer::discover(
+                    keypair,
+                    config,
+                    std::time::Duration::from_secs(10),
+                ))?;
+                for line in juxta_bridge_p2p::peer::discovery_lines(&found) {
+                    println!("{line}");
+                }
+                return Ok(());
+            }
             rt.block_on(run_cli(
                 keypair,
                 config,

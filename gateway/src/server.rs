@@ -261,6 +261,12 @@ async fn start_overlay(
         .iter()
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
+    node.external = cfg
+        .p2p
+        .external
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
     node.groups = groups.clone();
     let (libp2p_metrics, bridge_metrics) = match &gw.overlay_metrics {
         Some(m) => (
@@ -301,6 +307,7 @@ async fn start_overlay(
         overlay,
         events,
         groups.into_iter().map(|g| g.name).collect(),
+        node.advert_ttl,
         bridge_metrics,
         shutdown,
     ));

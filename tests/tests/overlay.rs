@@ -144,3 +144,86 @@ async fn an_edge_peer_catches_up_follows_live_items_and_publishes_to_websocket_s
     ensure!(overlay["groups"] == json!(["public"]), "{overlay}");
     Ok(())
 }
+
+/// `juxta peer --discover G` lists the JSON lines of what G offers: every node of the group
+/// with the peers serving it (the gateway, and an edge peer following one), and each peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discover_lists_the_groups_nodes_and_the_peers_serving_them() -> Result<()> {
+    let server = Server::start_default().await?;
+    let api = server.api();
+    let (a, b) = (unique("disc-a"), unique("disc-b"));
+    api.create_node(&a, None).await?;
+    api.create_node(&b, None).await?;
+    let gateway = server
+        .p2p_addr()
+        .and_then(|a| a.rsplit('/').next())
+        .context("gateway peer id")?
+        .to_owned();
+    let dir = tempfile::tempdir()?;
+    let follower_dir = dir.path().join("follower");
+    let follower_id = peer_id(&server, &follower_dir)?;
+    let mut follower = Peer::start(&server, &["--subscribe", &a], &follower_dir)?;
+    drop(follower.child.stdin.take());
+
+    // The gateway advertises new nodes within a scan, the follower once it is connected:
+    // ask until both show up.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (nodes, peers) = loop {
+        let out = Command::new(server.binary())
+            .args(["peer", "--bootstrap"])
+            .arg(server.p2p_addr().context("p2p address")?)
+            .arg("--identity-dir")
+            .arg(dir.path().join("asker"))
+            .args(["--discover", "public"])
+            .output()
+            .await?;
+        ensure!(out.status.success(), "juxta peer --discover: {out:?}");
+        let lines: Vec<Value> = String::from_utf8(out.stdout)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        let nodes: Vec<&Value> = lines.iter().filter(|l| l["type"] == "node").collect();
+        let peers: Vec<&Value> = lines.iter().filter(|l| l["type"] == "peer").collect();
+        let serving_a = nodes
+            .iter()
+            .find(|n| n["node"] == a.as_str())
+            .map(|n| n["peers"].clone());
+        let done = serving_a.is_some_and(|p| {
+            p.as_array().is_some_and(|p| {
+                p.iter().any(|x| x == gateway.as_str())
+                    && p.iter().any(|x| x == follower_id.as_str())
+            })
+        }) && nodes.iter().any(|n| n["node"] == b.as_str());
+        if done {
+            break (
+                nodes.into_iter().cloned().collect::<Vec<_>>(),
+                peers.into_iter().cloned().collect::<Vec<_>>(),
+            );
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "discovery never listed both nodes and both peers: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let only_b = nodes
+        .iter()
+        .find(|n| n["node"] == b.as_str())
+        .context("b")?;
+    ensure!(only_b["peers"] == json!([gateway]), "{only_b}");
+    let gw = peers
+        .iter()
+        .find(|p| p["peer"] == gateway.as_str())
+        .context("gateway listed")?;
+    ensure!(
+        gw["role"] == "gateway" && gw["expires_at"].as_u64().is_some_and(|t| t > 0),
+        "{gw}"
+    );
+    let f = peers
+        .iter()
+        .find(|p| p["peer"] == follower_id.as_str())
+        .context("follower listed")?;
+    ensure!(f["role"] == "edge" && f["nodes"] == json!([a]), "{f}");
+    let _ = follower.child.kill().await;
+    Ok(())
+}
