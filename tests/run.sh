@@ -36,14 +36,18 @@ if ! "$venv/bin/python" -c "import slixmpp" 2>/dev/null; then
 fi
 export JUXTA_INTEROP_PYTHON="$venv/bin/python"
 
-# xmpp.js (@xmpp/client from npm, pinned by tests/interop/package-lock.json), the client the
-# XMPP-over-WebSocket tests drive; Node.js and npm from Debian when missing.
+# Node.js peers from npm, pinned by tests/interop/package-lock.json: xmpp.js (@xmpp/client),
+# the client the XMPP-over-WebSocket tests drive, and js-libp2p with gossipsub, the peer the
+# overlay interop test (tests/tests/overlay_js.rs) joins a pipe with; Node.js and npm from
+# Debian when missing. js-libp2p is ESM-only, hence import() rather than require().
 if ! command -v npm >/dev/null; then
   log "installing Node.js and npm from Debian"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
 fi
-if ! (cd tests/interop && node --experimental-websocket -e "require('@xmpp/client')" 2>/dev/null); then
-  log "installing xmpp.js into tests/interop/node_modules"
+if ! (cd tests/interop && node --experimental-websocket -e "require('@xmpp/client');
+    Promise.all([import('libp2p'), import('@chainsafe/libp2p-gossipsub'), import('cborg')])
+      .catch(() => process.exit(1))" 2>/dev/null); then
+  log "installing xmpp.js and js-libp2p into tests/interop/node_modules"
   (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
@@ -66,6 +70,27 @@ install_prosody() {
   systemctl disable --now prosody >/dev/null 2>&1 || true
 }
 install_prosody
+
+# The overlay's NAT end-to-end test (tests/tests/overlay_nat.rs) builds routers in network
+# namespaces (tests/nat/topology.sh) with iproute2 and nftables and checks them with ping; it
+# needs root. The tools are installed from Debian when missing and we are root; otherwise that
+# test prints that it is skipped (and fails under CI=true).
+install_nat_tools() {
+  if [ "$(id -u)" != 0 ]; then
+    return 0
+  fi
+  local missing=()
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v nft >/dev/null || missing+=(nftables)
+  command -v ping >/dev/null || missing+=(iputils-ping)
+  if [ "${#missing[@]}" = 0 ]; then
+    return 0
+  fi
+  log "installing ${missing[*]} from Debian"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+}
+install_nat_tools
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

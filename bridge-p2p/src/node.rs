@@ -149,6 +149,9 @@ pub struct Config {
     pub advert_ttl: Duration,
     /// Per-peer and total bounds.
     pub limits: Limits,
+    /// Where gossipsub records its own metrics (messages received per topic with and
+    /// without duplicates, mesh sizes …), when given.
+    pub gossip_metrics: Option<Arc<parking_lot::Mutex<prometheus_client::registry::Registry>>>,
 }
 
 impl Config {
@@ -164,6 +167,7 @@ impl Config {
             external: Vec::new(),
             advert_ttl: advert::DEFAULT_ADVERT_TTL,
             limits: Limits::default(),
+            gossip_metrics: None,
         }
     }
 }
@@ -359,8 +363,22 @@ impl Overlay {
         let gateway = config.role == Role::Gateway;
         let limits = config.limits;
         let advert_ttl = config.advert_ttl;
+        let gossip_metrics = config.gossip_metrics.clone();
         let alone = config.bootstrap.is_empty();
-        let gossip_config = gossipsub::ConfigBuilder::default()
+        let mut gossip_builder = gossipsub::ConfigBuilder::default();
+        if !gateway {
+            // Edge peers get every stored event straight from a gateway (which floods its
+            // publications to every peer in the pipe); their mesh among themselves is a
+            // second path, kept small: each extra mesh peer is one more copy of every item
+            // to receive, check and drop.
+            gossip_builder
+                .mesh_n_low(1)
+                .mesh_n(2)
+                .mesh_n_high(4)
+                .mesh_outbound_min(1)
+                .gossip_lazy(3);
+        }
+        let gossip_config = gossip_builder
             .heartbeat_interval(config.heartbeat)
             .heartbeat_initial_delay(Duration::from_millis(100))
             .validation_mode(gossipsub::ValidationMode::Strict)
@@ -398,11 +416,15 @@ impl Overlay {
             .map_err(|e| OverlayError::Build(e.to_string()))?
             .with_behaviour(|key, relay_client| {
                 let peer = key.public().to_peer_id();
-                let gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
+                let mut gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
                     gossipsub::MessageAuthenticity::Signed(key.clone()),
                     gossip_config,
                     pipe_filter(),
                 )?;
+                if let Some(registry) = &gossip_metrics {
+                    gossipsub = gossipsub
+                        .with_metrics(&mut registry.lock(), gossipsub::MetricsConfig::default());
+                }
                 let mut kad_config = kad::Config::new(KAD_PROTOCOL);
                 if alone {
                     // Nothing to bootstrap from until peers dial in.

@@ -110,6 +110,8 @@ pub struct PeerConfig {
     pub after: HashMap<NodeName, u64>,
     /// Addresses to listen on (none by default: an edge peer dials out).
     pub listen: Vec<Multiaddr>,
+    /// Where gossipsub records its metrics ([`node::Config::gossip_metrics`]).
+    pub gossip_metrics: Option<Arc<parking_lot::Mutex<prometheus_client::registry::Registry>>>,
 }
 
 impl Default for PeerConfig {
@@ -121,6 +123,7 @@ impl Default for PeerConfig {
             subscribe: Vec::new(),
             after: HashMap::new(),
             listen: Vec::new(),
+            gossip_metrics: None,
         }
     }
 }
@@ -376,6 +379,7 @@ impl EdgePeer {
         let mut node_config = node::Config::new(Role::Edge);
         node_config.listen = config.listen.clone();
         let advert_ttl = node_config.advert_ttl;
+        node_config.gossip_metrics = config.gossip_metrics.clone();
         node_config.bootstrap = config.bootstrap.clone();
         // Open here even for a protected group: an edge peer has neither the group's public
         // key nor the other members' credentials (gateways learn those from catch-up
