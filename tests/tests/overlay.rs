@@ -6,7 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use juxta_tests::{Server, WsClient, unique};
+use juxta_tests::interop::Slixmpp;
+use juxta_tests::{Server, ServerOptions, WsClient, unique};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
@@ -225,5 +226,128 @@ async fn discover_lists_the_groups_nodes_and_the_peers_serving_them() -> Result<
         .context("follower listed")?;
     ensure!(f["role"] == "edge" && f["nodes"] == json!([a]), "{f}");
     let _ = follower.child.kill().await;
+    Ok(())
+}
+
+/// Two gateways with their own stores in one overlay: a member peer's publication is stored
+/// once by each and reaches a WebSocket subscriber on one and an XMPP client on the other;
+/// stored events never come back in, so a REST item stays on its own gateway, with no echo
+/// and no loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_in_one_overlay_each_store_a_peers_publication_once_without_echo() -> Result<()>
+{
+    let a = Server::start_default().await?;
+    let a_addr = a.p2p_addr().context("a's p2p address")?.to_owned();
+    let b =
+        Server::start(ServerOptions::new().env("JUXTA_P2P__BOOTSTRAP", format!("[\"{a_addr}\"]")))
+            .await?;
+    let node = unique("twogw");
+    for s in [&a, &b] {
+        s.api()
+            .create_node(&node, Some(&json!({"publish_model": "open"})))
+            .await?;
+    }
+    b.api()
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/accounts/bob",
+            Some(&json!({"password": "bob pass"})),
+        )
+        .await?
+        .expect(201)?;
+    // Both gateways carry the pipe, and b is connected to a.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let o = b
+            .api()
+            .call(reqwest::Method::GET, "/api/v1/overlay", None)
+            .await?
+            .expect(200)?;
+        let a_id = a_addr.rsplit('/').next().unwrap_or_default();
+        if o["connected_peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == a_id))
+        {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "b never connected to a: {o}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut ws_a = WsClient::connect(&a.ws_url(), a.admin_key()).await?;
+    ws_a.subscribed(&node, None, None).await?;
+    let mut ws_b = WsClient::connect(&b.ws_url(), b.admin_key()).await?;
+    ws_b.subscribed(&node, None, None).await?;
+    let xmpp = b.xmpp_addr().context("b's XMPP address")?;
+    let ca = b.data_dir().join("xmpp-localhost.crt");
+    let client = Slixmpp::start(
+        xmpp,
+        "bob@localhost",
+        "bob pass",
+        &ca,
+        &json!([
+            {"op": "subscribe", "to": "pubsub.localhost", "node": node},
+            {"op": "wait_events", "node": node, "count": 1, "timeout": 40},
+        ]),
+    )?;
+    // The XMPP subscription is in when b counts three subscribers (its pipe feeder, the
+    // WebSocket client, bob).
+    juxta_tests::interop::wait_for_subscribers(&b, &node, 3, "bob").await?;
+
+    // A peer joined through a publishes one item; gossip takes it to b as well. Publishing
+    // may start before b has seen the peer in the pipe; the peer retries until a gateway
+    // took it, and b gets it from a's forwarding.
+    let dir = tempfile::tempdir()?;
+    let publisher_dir = dir.path().join("publisher");
+    let publisher_id = peer_id(&a, &publisher_dir)?;
+    let mut publisher = Peer::start(&a, &["--publish", &node], &publisher_dir)?;
+    let mut stdin = publisher.child.stdin.take().context("stdin")?;
+    stdin.write_all(b"{\"from\":\"peer\"}\n").await?;
+    drop(stdin);
+    let status = tokio::time::timeout(WAIT, publisher.child.wait())
+        .await
+        .context("juxta peer --publish did not exit")??;
+    ensure!(status.success(), "juxta peer --publish: {status}");
+
+    for (name, ws) in [("a", &mut ws_a), ("b", &mut ws_b)] {
+        let e = ws.next_event().await?;
+        ensure!(
+            e["offset"] == 1
+                && e["item"]["payload"]["from"] == "peer"
+                && e["item"]["publisher"] == publisher_id.as_str(),
+            "gateway {name}: {e}"
+        );
+    }
+    let (ok, report) = client.finish(WAIT).await?;
+    ensure!(ok, "XMPP client on b: {report}");
+    let event = &report["steps"][1]["events"][0];
+    ensure!(
+        event["payload"]
+            .as_str()
+            .is_some_and(|p| p.contains("urn:xmpp:json:0") && p.contains("peer")),
+        "XMPP client on b: {report}"
+    );
+
+    // A REST item on a stays on a: b ignores a's stored events (no echo), and neither
+    // gateway takes its own or the other's stored events back in (no loop).
+    a.api()
+        .publish(&node, &json!({"id": "rest", "payload": {"n": 2}}))
+        .await?
+        .expect(201)?;
+    let e = ws_a.next_event().await?;
+    ensure!(e["offset"] == 2 && e["item"]["id"] == "rest", "{e}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a_items = a.api().all_items(&node).await?;
+    let b_items = b.api().all_items(&node).await?;
+    ensure!(a_items.len() == 2, "a stored {a_items:?}");
+    ensure!(
+        b_items.len() == 1 && b_items[0]["publisher"] == publisher_id.as_str(),
+        "b stored {b_items:?}"
+    );
+    let quiet = tokio::time::timeout(Duration::from_secs(1), ws_b.next_event()).await;
+    ensure!(quiet.is_err(), "b delivered more: {quiet:?}");
     Ok(())
 }
