@@ -324,6 +324,7 @@ enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     TopicPeers(IdentTopic, oneshot::Sender<usize>),
+    TopicPeerIds(IdentTopic, oneshot::Sender<Vec<PeerId>>),
     Advertise(String, Vec<String>, Reply<()>),
     GetProviders(kad::RecordKey, Reply<HashSet<PeerId>>),
     GetRecord(kad::RecordKey, Reply<Vec<kad::Record>>),
@@ -642,6 +643,16 @@ impl Overlay {
         rx.await.map_err(|_| OverlayError::Stopped)
     }
 
+    /// The peers this node knows to be in the pipe of `node` in `group`.
+    pub async fn pipe_members(&self, group: &str, node: &str) -> Result<Vec<PeerId>, OverlayError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::TopicPeerIds(topic(group, node), tx))
+            .await
+            .map_err(|_| OverlayError::Stopped)?;
+        rx.await.map_err(|_| OverlayError::Stopped)
+    }
+
     /// Publishes (or refreshes) this node's signed advertisement in `group`, serving
     /// `nodes`: a Kademlia record, and provider records for the group and each node (those
     /// no longer served stop being provided).
@@ -844,6 +855,16 @@ impl Task {
                     .filter(|(_, topics)| topics.contains(&&hash))
                     .count();
                 let _ = reply.send(n);
+            }
+            Command::TopicPeerIds(t, reply) => {
+                let hash = t.hash();
+                let peers = b
+                    .gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&hash))
+                    .map(|(p, _)| *p)
+                    .collect();
+                let _ = reply.send(peers);
             }
             Command::Advertise(group, nodes, reply) => {
                 let _ = reply.send(self.advertise(&group, nodes));

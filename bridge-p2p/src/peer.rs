@@ -18,7 +18,9 @@
 //!   from history, then it is delivered;
 //! - once more [`PIPE_SETTLE`] after a gateway connection comes up (after joining, and
 //!   after a reconnect), when the gateway surely knows this peer is in the pipe;
-//! - when a message names another epoch than the one seen (the history was reset).
+//! - when a message names another epoch than the one seen (the history was reset);
+//! - [`TAIL_CHECK`] after the last item the pipe delivered, once it has been quiet that
+//!   long: items lost at the end of a burst have no later item to reveal the gap.
 //!
 //! Offsets already delivered are dropped. What history no longer holds is reported as
 //! [`PeerEvent::Lost`], never skipped silently; a reset history as [`PeerEvent::Reset`].
@@ -83,6 +85,10 @@ pub const FIRST_REDIAL: Duration = Duration::from_secs(5);
 /// nothing else would reveal the gap. Asking again once subscriptions have been exchanged
 /// closes that window.
 pub const PIPE_SETTLE: Duration = Duration::from_secs(2);
+/// How long after the last item a pipe delivered the peer asks history whether anything
+/// came after it: a gap shows when a later item arrives, but items lost at the end of a
+/// burst have no later item to show them.
+pub const TAIL_CHECK: Duration = Duration::from_secs(2);
 /// How long [`EdgePeer::publish`] waits for a peer to join the pipe. Gossipsub refuses to
 /// publish into a pipe nobody has joined yet, which is the normal state right after joining.
 pub const PUBLISH_WAIT: Duration = Duration::from_secs(10);
@@ -315,8 +321,9 @@ pub enum PeerError {
         /// For people.
         message: String,
     },
-    /// Nobody joined the pipe within [`PUBLISH_WAIT`], so a publication would reach no one.
-    #[error("no peer has joined the pipe of {node} (is a gateway that carries it connected?)")]
+    /// No gateway joined the pipe within [`PUBLISH_WAIT`], so a publication would be stored
+    /// by no one.
+    #[error("no gateway has joined the pipe of {node} (is a gateway that carries it connected?)")]
     NoPeers {
         /// The node.
         node: NodeName,
@@ -510,6 +517,20 @@ impl EdgePeer {
         );
         let deadline = Instant::now() + PUBLISH_WAIT;
         loop {
+            // Only a gateway stores a publication: other peers in the pipe hold it back (it
+            // has no offset yet), and gossipsub does not send it again to a gateway that
+            // joins the mesh later. So a gateway must be in the pipe first.
+            let members = self
+                .overlay
+                .pipe_members(&self.group, node.as_str())
+                .await?;
+            if !members.iter().any(|m| self.gateways.contains(m)) {
+                if Instant::now() >= deadline {
+                    return Err(PeerError::NoPeers { node: node.clone() });
+                }
+                tokio::time::sleep(PUBLISH_POLL).await;
+                continue;
+            }
             match self.overlay.publish(&self.group, &envelope).await {
                 Ok(()) => {
                     tracing::debug!(%node, item = %id, "edge peer: published");
@@ -995,6 +1016,9 @@ impl Cursor {
             Some(_) if offset == self.next => {
                 self.deliver(envelope, out);
                 self.drain_ahead(out);
+                // Gossip dropped the last items of a burst: nothing later shows the gap.
+                // Once the pipe has been quiet for a while, history confirms the tail.
+                self.recheck_at = Some(now + TAIL_CHECK);
             }
             _ => {
                 // Ahead of a gap, or the epoch is not known yet: hold it until history has
@@ -1510,7 +1534,11 @@ mod tests {
             c.handle_live(stored(o, 7), now, &mut out);
         }
         assert_eq!(seen(&mut out), ["3", "4"]);
-        assert_eq!(c.due_at(now), None, "no gap, no catch-up");
+        assert_eq!(
+            c.due_at(now),
+            Some(now + TAIL_CHECK),
+            "no gap: no catch-up now, only the tail check once the pipe is quiet"
+        );
     }
 
     #[test]
@@ -1668,7 +1696,7 @@ mod tests {
         assert_eq!(c.request(now, "public", None).after, kept);
         c.handle_page(page(7, 1, beyond - 1, (kept + 1)..beyond), now, &mut out);
         assert_eq!(seen(&mut out).len(), (beyond - 1 - kept) as usize);
-        assert_eq!(c.due_at(now), None);
+        assert_eq!(c.due_at(now), Some(now + TAIL_CHECK), "only the tail check");
     }
 
     #[test]

@@ -11,10 +11,14 @@
 //!   with a timeout.
 //! - [`SseClient`] / [`SseFrame`] (`sse`): `/api/v1/nodes/{node}/events` parsed into frames.
 //! - [`interop`]: slixmpp, an XMPP client library we did not write, run step by step.
-//! - `sys`: the few OS calls the harness needs (signals, `RLIMIT_NOFILE`, RSS from `/proc`).
+//! - `sys`: the few OS calls the harness needs (signals, `RLIMIT_NOFILE`, RSS from `/proc`,
+//!   root or not, programs on `PATH`).
 //! - [`prosody`]: a real Prosody from Debian on free local ports, with an external component
 //!   and users, for the XEP-0114 tests; [`prosody::require_prosody`] installs it or says why a
 //!   test is skipped.
+//! - [`netns`]: a NAT laboratory in network namespaces (`nat/topology.sh`): a public segment
+//!   where the gateway runs, two peers each behind its own NAT router; torn down on drop;
+//!   [`netns::require_nat_lab`] says why a test is skipped when this is not root.
 //!
 //! Data moves one way: a test starts a [`Server`], builds clients from its URLs and admin key,
 //! and asserts on what the clients receive. Nothing here knows the gateway's internals.
@@ -22,6 +26,7 @@
 
 mod api;
 pub mod interop;
+pub mod netns;
 pub mod prosody;
 mod server;
 mod sse;
@@ -29,7 +34,9 @@ mod sys;
 mod ws;
 
 pub use api::{Api, Reply, encode_path_segment};
-pub use server::{SHUTDOWN_TIMEOUT, STARTUP_TIMEOUT, Server, ServerOptions, juxta_bin};
+pub use server::{
+    DEFAULT_P2P_LISTEN, SHUTDOWN_TIMEOUT, STARTUP_TIMEOUT, Server, ServerOptions, juxta_bin,
+};
 pub use sse::{SseClient, SseFrame};
 pub use sys::{RlimitNofile, cpu_seconds_of, raise_nofile_limit, rss_kib_of, unix_nanos};
 pub use ws::WsClient;

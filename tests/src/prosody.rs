@@ -27,6 +27,7 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
 use crate::interop::Slixmpp;
+use crate::sys::{find_on_path, is_root};
 
 /// How long Prosody may take to open its ports.
 pub const PROSODY_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -405,24 +406,6 @@ fn install_from_debian() -> Result<(), String> {
         return Err("prosody was installed but is not on PATH".into());
     }
     Ok(())
-}
-
-/// Whether the effective user is root, from `/proc/self/status` (no `unsafe` needed).
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
-
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
 }
 
 /// A port that was free a moment ago on 127.0.0.1 (see [`PORT_CLASH`] for the race).

@@ -35,6 +35,8 @@ const LISTENING_MARKER: &str = "listening http://";
 const XMPP_MARKER: &str = "listening xmpp://";
 /// The line it prints when it also accepts direct-TLS XMPP clients (XEP-0368).
 const XMPPS_MARKER: &str = "listening xmpps://";
+/// Where the overlay listens unless [`ServerOptions::p2p_listen`] says otherwise.
+pub const DEFAULT_P2P_LISTEN: &str = "/ip4/127.0.0.1/tcp/0";
 /// The line `juxta serve` prints for each overlay listen address (a multiaddr ending in
 /// `/p2p/<peer id>`).
 const P2P_MARKER: &str = "listening p2p ";
@@ -79,13 +81,19 @@ pub fn juxta_bin() -> Result<PathBuf> {
 }
 
 /// How to start a [`Server`]. `ServerOptions::default()` is a fresh temporary data dir, a
-/// random admin key and no extra arguments or environment.
+/// random admin key, the overlay on [`DEFAULT_P2P_LISTEN`] and no extra arguments or
+/// environment.
 #[derive(Debug, Clone, Default)]
 pub struct ServerOptions {
     /// Data directory; `None` = a fresh temporary directory owned (and removed) by the server.
     pub data_dir: Option<PathBuf>,
-    /// Extra arguments after `serve --data-dir DIR --http 127.0.0.1:0`.
+    /// Extra arguments after `serve --data-dir DIR --http 127.0.0.1:0 --xmpp 127.0.0.1:0
+    /// --p2p LISTEN`.
     pub args: Vec<OsString>,
+    /// The overlay listen multiaddr passed as `--p2p`; `None` = [`DEFAULT_P2P_LISTEN`].
+    /// (`--p2p` is repeatable, so one more in [`ServerOptions::args`] would add a second
+    /// listener rather than replace this one, and [`Server::p2p_addr`] reports the first.)
+    pub p2p_listen: Option<String>,
     /// Extra environment, e.g. `("JUXTA_FANOUT__QUEUE_CAPACITY", "16")`.
     pub env: Vec<(OsString, OsString)>,
     /// The binary; `None` = [`juxta_bin`].
@@ -109,6 +117,13 @@ impl ServerOptions {
     /// Appends one argument to `juxta serve`.
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.args.push(arg.into());
+        self
+    }
+
+    /// Listens for the overlay on `multiaddr` (e.g. `/ip4/10.77.0.1/tcp/0`) instead of
+    /// [`DEFAULT_P2P_LISTEN`].
+    pub fn p2p_listen(mut self, multiaddr: impl Into<String>) -> Self {
+        self.p2p_listen = Some(multiaddr.into());
         self
     }
 
@@ -487,6 +502,7 @@ async fn spawn(
     options: &ServerOptions,
     output: &SharedTail,
 ) -> Result<Spawned> {
+    let p2p_listen = options.p2p_listen.as_deref().unwrap_or(DEFAULT_P2P_LISTEN);
     let mut cmd = Command::new(binary);
     scrub_juxta_env(&mut cmd);
     cmd.arg("serve")
@@ -497,7 +513,7 @@ async fn spawn(
         .arg("--xmpp")
         .arg("127.0.0.1:0")
         .arg("--p2p")
-        .arg("/ip4/127.0.0.1/tcp/0")
+        .arg(p2p_listen)
         .args(&options.args)
         .env("JUXTA_ADMIN_KEY", admin_key)
         .env("JUXTA_LOG__LEVEL", "warn")
@@ -524,7 +540,8 @@ async fn spawn(
             reader.abort();
         }
         anyhow!(
-            "{what}\ncommand: {} serve --data-dir {} --http 127.0.0.1:0 {:?}\noutput:\n{}",
+            "{what}\ncommand: {} serve --data-dir {} --http 127.0.0.1:0 --xmpp 127.0.0.1:0 \
+             --p2p {p2p_listen} {:?}\noutput:\n{}",
             binary.display(),
             data_dir.display(),
             options.args,

@@ -1,4 +1,5 @@
-//! The few operating-system calls the harness needs: signals, `RLIMIT_NOFILE`, resident set size.
+//! The few operating-system calls the harness needs: signals, `RLIMIT_NOFILE`, resident set size,
+//! whether we are root and where a program is on `PATH`.
 //!
 //! `unsafe` is denied workspace-wide; the two libc calls below are allowed one by one, each with
 //! the reason it is sound, because std has no safe wrapper for `kill(2)` with a chosen signal or
@@ -6,6 +7,7 @@
 
 use std::fs;
 use std::io::{self, Read};
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -115,4 +117,23 @@ pub(crate) fn random_hex(bytes: usize) -> String {
         }
     }
     buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether the effective user is root, from `/proc/self/status` (no `unsafe` needed).
+pub(crate) fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+/// Where `program` is on `PATH`, if anywhere.
+pub(crate) fn find_on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
 }

@@ -21,6 +21,10 @@ use juxta_bridge_p2p::peer::{EdgePeer, PeerConfig, PeerEvent};
 use libp2p::identity;
 use serde_json::{Value, json};
 
+/// The gateway's allocator: twenty libp2p nodes in one process allocate and free a lot.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "publish → receipt latency and duplicates for edge peers of one pipe")]
 struct Args {
@@ -30,7 +34,7 @@ struct Args {
     /// An admin key (or a token that may create nodes and publish).
     #[arg(long)]
     admin_key: String,
-    /// The gateway's overlay address, ending in /p2p/<peer id>.
+    /// The gateway's overlay address, ending in `/p2p/<peer id>`.
     #[arg(long)]
     bootstrap: String,
     /// Edge peers.
