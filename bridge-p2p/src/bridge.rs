@@ -114,17 +114,20 @@ pub async fn run(
     observer: Arc<dyn BridgeObserver>,
     shutdown: CancellationToken,
 ) {
-    let mut feeders: HashMap<NodeName, (String, CancellationToken)> = HashMap::new();
-    let mut scan = tokio::time::interval(NODE_SCAN_INTERVAL);
-    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut adverts = Adverts::new(advert_ttl);
+    // Scanning talks to the overlay node and waits for its answers, so it runs on a task
+    // of its own: the node's task may be waiting for this loop to take its events.
+    let scanning = shutdown.child_token();
+    tokio::spawn(scan_loop(
+        bus.clone(),
+        overlay,
+        groups,
+        advert_ttl,
+        observer.clone(),
+        scanning.clone(),
+    ));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = scan.tick() => {
-                scan_nodes(&bus, &overlay, &groups, &mut feeders, &observer, &shutdown).await;
-                adverts.refresh(&overlay, &groups, &feeders).await;
-            }
             event = events.recv() => match event {
                 None => break,
                 Some(OverlayEvent::ItemReceived { group, envelope, source }) => {
@@ -140,6 +143,32 @@ pub async fn run(
                 Some(OverlayEvent::MessageRejected { reason, .. } | OverlayEvent::Refused { reason, .. }) => observer.rejected(reason),
                 Some(_) => {}
             },
+        }
+    }
+    // Ends the scanner and, through it, the feeders.
+    scanning.cancel();
+}
+
+/// Every [`NODE_SCAN_INTERVAL`]: feeders for new nodes, and the advertisements.
+async fn scan_loop(
+    bus: Bus,
+    overlay: Overlay,
+    groups: Vec<String>,
+    advert_ttl: Duration,
+    observer: Arc<dyn BridgeObserver>,
+    shutdown: CancellationToken,
+) {
+    let mut feeders: HashMap<NodeName, (String, CancellationToken)> = HashMap::new();
+    let mut scan = tokio::time::interval(NODE_SCAN_INTERVAL);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut adverts = Adverts::new(advert_ttl);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = scan.tick() => {
+                scan_nodes(&bus, &overlay, &groups, &mut feeders, &observer, &shutdown).await;
+                adverts.refresh(&overlay, &groups, &feeders).await;
+            }
         }
     }
     for (_, token) in feeders.values() {

@@ -56,15 +56,16 @@ pub const MAX_TOPICS_PER_PEER: usize = 10_000;
 const COMMAND_QUEUE: usize = 1024;
 /// Events queued for the owner of the overlay before the swarm task waits.
 const EVENT_QUEUE: usize = 4096;
-/// Catch-up answers waiting to be sent. Requests beyond request-response's stream limit
-/// are refused by libp2p itself; a full queue drops the answer (the requester sees the
-/// request fail and retries).
+/// Catch-up pages read and waiting to be sent (the tasks reading them wait when it is full;
+/// each peer has at most `Limits::max_catch_ups_per_peer` of them).
 const ANSWER_QUEUE: usize = 256;
 /// How often an edge peer looks for other members of its groups at its rendezvous points
 /// (and dials the new ones).
 const MEMBER_DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
 /// Most other members an edge peer dials by itself (gossipsub's mesh wants about 6).
 const MAX_MEMBER_DIALS: usize = 8;
+/// Longest wait for a catch-up answer; the edge peer asks again after it.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a rendezvous point's answer.
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -494,7 +495,7 @@ impl Overlay {
                             .set_response_size_maximum(catchup::MAX_RESPONSE_BYTES),
                         [(catchup::PROTOCOL, ProtocolSupport::Full)],
                         request_response::Config::default()
-                            .with_request_timeout(Duration::from_secs(30))
+                            .with_request_timeout(CATCH_UP_TIMEOUT)
                             // Streams beyond this are dropped by libp2p unanswered; below
                             // it, `max_catch_ups_per_peer` refuses with a reason, counted.
                             .with_max_concurrent_streams(limits.max_catch_ups_per_peer.max(8) * 8),
@@ -1284,35 +1285,40 @@ impl Task {
                 ..
             } => {
                 let answers = self.answers.0.clone();
-                let in_flight = self.catch_ups_in_flight.entry(peer).or_default();
-                *in_flight += 1;
-                if *in_flight > self.limits.max_catch_ups_per_peer {
-                    let _ = answers.try_send((
-                        peer,
+                if self.catch_ups_in_flight.get(&peer).copied().unwrap_or(0)
+                    >= self.limits.max_catch_ups_per_peer
+                {
+                    let _ = self.swarm.behaviour_mut().catchup.send_response(
                         channel,
                         CatchUpResponse::refused(
                             "too_many_requests",
                             "too many catch-up requests at once; wait for the answers",
                         ),
-                    ));
+                    );
                     return Some(OverlayEvent::Refused {
                         reason: "catch_up_limit",
                         peer: Some(peer),
                     });
                 }
+                // Refusals go out at once; pages are read from the store on a task of their
+                // own and come back through `answers` (counted in flight until then).
                 let response = self.check_catch_up(&peer, &request);
                 match (response, &self.catch_up) {
                     (Some(refusal), _) => {
-                        let _ = answers.try_send((peer, channel, refusal));
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .catchup
+                            .send_response(channel, refusal);
                     }
                     (None, None) => {
-                        let _ = answers.try_send((
-                            peer,
+                        let _ = self.swarm.behaviour_mut().catchup.send_response(
                             channel,
                             CatchUpResponse::refused("unavailable", "this peer serves no history"),
-                        ));
+                        );
                     }
                     (None, Some(source)) => {
+                        *self.catch_ups_in_flight.entry(peer).or_default() += 1;
                         let page = source.page(peer, request);
                         tokio::spawn(async move {
                             let _ = answers.send((peer, channel, page.await)).await;

@@ -434,7 +434,10 @@ impl EdgePeer {
         for i in 0..driver.cursors.len() {
             driver.schedule(i, now);
         }
-        tokio::spawn(driver.run(overlay_events));
+        tokio::spawn(tracing::Instrument::instrument(
+            driver.run(overlay_events),
+            tracing::info_span!("edge_peer", peer = %peer_id),
+        ));
         tracing::info!(peer = %peer_id, group = %config.group, nodes = subscribe.len(), "edge peer: joined");
         Ok(Self {
             overlay,
@@ -1034,6 +1037,7 @@ impl Cursor {
 
     /// A catch-up page answering this cursor's request.
     fn handle_page(&mut self, page: Page, now: Instant, out: &mut VecDeque<PeerEvent>) {
+        tracing::debug!(node = %self.node, next = self.next, items = page.items.len(), last = page.last_offset, "edge peer: catch-up page");
         self.in_flight = false;
         self.refusal = None;
         let epoch = Epoch(page.epoch);
@@ -1092,6 +1096,13 @@ impl Cursor {
             // `wanted` may also have been set while the request was out (a reconnect,
             // another epoch, an event that did not fit): then ask again too.
             self.wanted |= more;
+            if self.next > before {
+                // History had what the pipe did not bring: the pipe may be failing this
+                // peer (a gateway dropping messages for it). Keep confirming the tail until
+                // a check finds nothing new.
+                let tail = now + TAIL_CHECK;
+                self.recheck_at = Some(self.recheck_at.map_or(tail, |at| at.min(tail)));
+            }
         }
     }
 
@@ -1259,8 +1270,8 @@ impl Driver {
                 }
                 () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
                     let now = Instant::now();
-                    self.redial(now).await;
-                    self.advertise(now).await;
+                    self.redial(now);
+                    self.advertise(now);
                 }
             }
         }
@@ -1336,17 +1347,22 @@ impl Driver {
     }
 
     /// Publishes this peer's advertisement when due (see [`crate::advert`]).
-    async fn advertise(&mut self, now: Instant) {
+    fn advertise(&mut self, now: Instant) {
         if self.advertise_at.is_none_or(|at| at > now) {
             return;
         }
-        if let Err(e) = self
-            .overlay
-            .advertise(&self.group, self.subscribed.clone())
-            .await
-        {
-            tracing::debug!(error = %e, "edge peer: advertising failed");
-        }
+        // On a task of its own: the node's task may be waiting for this driver to take its
+        // events, and would never answer a command awaited here.
+        let (overlay, group, nodes) = (
+            self.overlay.clone(),
+            self.group.clone(),
+            self.subscribed.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = overlay.advertise(&group, nodes).await {
+                tracing::debug!(error = %e, "edge peer: advertising failed");
+            }
+        });
         self.advertise_at = Some(now + self.advert_ttl / 2);
     }
 
@@ -1424,7 +1440,7 @@ impl Driver {
     }
 
     /// Dials the gateways again when none is connected (libp2p does not redial by itself).
-    async fn redial(&mut self, now: Instant) {
+    fn redial(&mut self, now: Instant) {
         if self.redial_at.is_none_or(|at| at > now) {
             return;
         }
@@ -1433,11 +1449,15 @@ impl Driver {
             return;
         }
         tracing::info!("edge peer: no gateway connected; dialing again");
-        for addr in &self.bootstrap {
-            if let Err(e) = self.overlay.dial(addr.clone()).await {
-                tracing::warn!(%addr, error = %e, "edge peer: dialing a gateway failed");
+        // On a task of its own, like advertising (see there).
+        let (overlay, bootstrap) = (self.overlay.clone(), self.bootstrap.clone());
+        tokio::spawn(async move {
+            for addr in bootstrap {
+                if let Err(e) = overlay.dial(addr.clone()).await {
+                    tracing::warn!(%addr, error = %e, "edge peer: dialing a gateway failed");
+                }
             }
-        }
+        });
         self.redial_at = Some(now + self.redial_backoff);
         self.redial_backoff = (self.redial_backoff * 2).min(RETRY_MAX);
     }
@@ -1494,7 +1514,12 @@ mod tests {
         let now = Instant::now();
         c.request(now, "public", None);
         c.handle_page(page(epoch, 1, after, 1..=after), now, &mut VecDeque::new());
-        assert_eq!(c.due_at(now), None, "caught up");
+        // History brought items: one tail check follows, and finds nothing more.
+        let later = now + TAIL_CHECK;
+        assert_eq!(c.due_at(now), Some(later), "a tail check");
+        assert_eq!(c.request(later, "public", None).after, after);
+        c.handle_page(page(epoch, 1, after, []), later, &mut VecDeque::new());
+        assert_eq!(c.due_at(later), None, "caught up");
         c
     }
 
@@ -1522,7 +1547,7 @@ mod tests {
         assert!(out.is_empty(), "held until history is known");
         c.handle_page(page(7, 1, 3, 1..=3), now, &mut out);
         assert_eq!(seen(&mut out), ["1", "2", "3", "4"]);
-        assert_eq!(c.due_at(now), None);
+        assert_eq!(c.due_at(now), Some(now + TAIL_CHECK), "only the tail check");
     }
 
     #[test]
@@ -1553,7 +1578,7 @@ mod tests {
         assert_eq!(c.request(now, "public", None).after, 8);
         c.handle_page(page(7, 1, 11, [9, 10, 11]), now, &mut out);
         assert_eq!(seen(&mut out), ["9", "10", "11"]);
-        assert_eq!(c.due_at(now), None);
+        assert_eq!(c.due_at(now), Some(now + TAIL_CHECK), "only the tail check");
     }
 
     #[test]
@@ -1583,7 +1608,7 @@ mod tests {
         assert_eq!(c.request(now, "public", None).after, 2);
         c.handle_page(page(7, 1, 5, 3..=5), now, &mut out);
         assert_eq!(seen(&mut out), ["3", "4", "5"]);
-        assert_eq!(c.due_at(now), None);
+        assert_eq!(c.due_at(now), Some(now + TAIL_CHECK), "only the tail check");
     }
 
     #[test]
@@ -1653,7 +1678,11 @@ mod tests {
         assert_eq!(c.request(at, "public", None).after, 5);
         c.handle_page(page(7, 1, 6, [6]), at, &mut out);
         assert_eq!(seen(&mut out), ["6"]);
-        assert_eq!(c.due_at(at), None, "once");
+        assert_eq!(
+            c.due_at(at),
+            Some(at + TAIL_CHECK),
+            "once; then the tail check, since history brought an item"
+        );
     }
 
     #[test]

@@ -69,3 +69,6 @@ cmd=("${run[@]}" "$bench" --url "http://$http" --admin-key overlay-bench-admin-k
 [ "$mode" = nat ] && cmd+=(--listen /ip4/0.0.0.0/tcp/0)
 echo "# ${cmd[*]}" >&2
 "${cmd[@]}"
+# What the gateway counted: pipe messages sent, refusals.
+"${run[@]}" curl -s "http://$http/metrics" | grep -E '^juxta_overlay_(egressed|ingested|rejected)' >&2 || true
+grep -E 'WARN|ERROR' "$dir/gateway.log" | tail -5 >&2 || true

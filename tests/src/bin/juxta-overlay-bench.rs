@@ -90,11 +90,19 @@ struct PeerResult {
     first_offset: Option<u64>,
     last_offset: u64,
     out_of_order: u64,
+    other: Vec<String>,
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    // The peers' logs, on stderr: JUXTA_LOG__LEVEL=warn (or a tracing filter) shows them.
+    if let Ok(level) = std::env::var("JUXTA_LOG__LEVEL") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
@@ -140,6 +148,7 @@ async fn main() -> Result<()> {
                 first_offset: None,
                 last_offset: 0,
                 out_of_order: 0,
+                other: Vec::new(),
             };
             let deadline =
                 tokio::time::Instant::now() + Duration::from_secs(args_seconds_limit(total));
@@ -160,6 +169,8 @@ async fn main() -> Result<()> {
                         let _ = result.latencies.record(at.saturating_sub(t).max(1));
                     }
                     result.received += 1;
+                } else if result.other.len() < 5 {
+                    result.other.push(event.json_line());
                 }
             }
             (result, peer)
@@ -201,8 +212,19 @@ async fn main() -> Result<()> {
     let mut complete = 0;
     let mut out_of_order = 0;
     let mut kept = Vec::new();
+    let mut incomplete = Vec::new();
     for t in tasks {
         let (r, peer) = t.await?;
+        if r.received != total {
+            let connected = peer.overlay().connected_peers().await.map(|p| p.len()).ok();
+            let in_pipe = peer
+                .overlay()
+                .pipe_members("public", &node)
+                .await
+                .map(|p| p.len())
+                .ok();
+            incomplete.push(json!({"peer": peer.peer_id().to_string(), "connected_peers": connected, "pipe_members": in_pipe, "received": r.received, "first_offset": r.first_offset, "last_offset": r.last_offset, "other_events": r.other}));
+        }
         all.add(&r.latencies)?;
         received += r.received;
         out_of_order += r.out_of_order;
@@ -227,6 +249,7 @@ async fn main() -> Result<()> {
         "deliveries": received,
         "expected_deliveries": total * args.peers as u64,
         "peers_with_every_item_in_order": complete,
+        "incomplete_peers": incomplete,
         "out_of_order": out_of_order,
         "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": all.max() as f64 / 1000.0},
         "gossip_copies_received": unfiltered,
