@@ -249,24 +249,15 @@ async fn start_overlay(
         }
     }
     let mut node = NodeConfig::new(Role::Gateway);
-    node.listen = cfg
-        .p2p
-        .listen
-        .iter()
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
-    node.bootstrap = cfg
-        .p2p
-        .bootstrap
-        .iter()
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
-    node.external = cfg
-        .p2p
-        .external
-        .iter()
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
+    // Config::validate has checked that each of these parses.
+    let addrs = |list: &[String]| {
+        list.iter()
+            .map(|a| a.parse())
+            .collect::<Result<Vec<_>, _>>()
+    };
+    node.listen = addrs(&cfg.p2p.listen)?;
+    node.bootstrap = addrs(&cfg.p2p.bootstrap)?;
+    node.external = addrs(&cfg.p2p.external)?;
     node.groups = groups.clone();
     let (libp2p_metrics, bridge_metrics) = match &gw.overlay_metrics {
         Some(m) => (
