@@ -72,6 +72,10 @@ pub enum Error {
     /// The store cannot take writes now (engine down, shutting down, over capacity).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The shared engine (Redis) is unreachable, so a change could not be stored or its
+    /// fan-out to the other instances is not running: nothing was acknowledged.
+    #[error("engine unavailable: {0}")]
+    EngineUnavailable(String),
     /// The store failed.
     #[error("storage error: {0}")]
     Storage(String),
@@ -97,13 +101,17 @@ impl Error {
             Error::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
             Error::SlowConsumer => "slow_consumer",
             Error::Unavailable(_) => "unavailable",
+            Error::EngineUnavailable(_) => "engine_unavailable",
             Error::Storage(_) => "storage_error",
         }
     }
 
     /// True when the fault is the caller's (a 4xx), false for server-side failures.
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, Error::Unavailable(_) | Error::Storage(_))
+        !matches!(
+            self,
+            Error::Unavailable(_) | Error::EngineUnavailable(_) | Error::Storage(_)
+        )
     }
 }
 

@@ -25,6 +25,18 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 /// History records read per catch-up page.
 const PAGE: usize = 256;
 
+/// Told which nodes have live subscribers on this instance: a shared engine uses it to
+/// receive only the events of those nodes from the other instances.
+#[async_trait::async_trait]
+pub trait Interest: Send + Sync + std::fmt::Debug {
+    /// `node` gained its first local subscriber. Returns once every event committed from
+    /// now on, on any instance, reaches this instance's commit sink; fails when that cannot
+    /// be promised (the engine is down).
+    async fn watch(&self, node: &NodeName) -> Result<(), Error>;
+    /// `node` lost its last local subscriber.
+    fn unwatch(&self, node: &NodeName);
+}
+
 /// Routes committed events to the rings of their nodes.
 #[derive(Debug)]
 pub struct FanOut {
@@ -32,6 +44,7 @@ pub struct FanOut {
     rings: RwLock<HashMap<NodeName, broadcast::Sender<Arc<Event>>>>,
     capacity: usize,
     metrics: Arc<Metrics>,
+    interest: std::sync::OnceLock<Arc<dyn Interest>>,
 }
 
 impl FanOut {
@@ -41,6 +54,21 @@ impl FanOut {
             rings: RwLock::new(HashMap::new()),
             capacity: capacity.max(1),
             metrics,
+            interest: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Reports nodes gaining and losing local subscribers to `interest` from now on.
+    /// Set once; later calls are ignored.
+    pub fn set_interest(&self, interest: Arc<dyn Interest>) {
+        let _ = self.interest.set(interest);
+    }
+
+    /// Waits until events of `node` from every instance reach this one (see [`Interest`]).
+    async fn watch(&self, node: &NodeName) -> Result<(), Error> {
+        match self.interest.get() {
+            Some(i) => i.watch(node).await,
+            None => Ok(()),
         }
     }
 
@@ -61,6 +89,9 @@ impl FanOut {
         let mut rings = self.rings.write();
         if rings.get(node).is_some_and(|tx| tx.receiver_count() == 0) {
             rings.remove(node);
+            if let Some(i) = self.interest.get() {
+                i.unwatch(node);
+            }
         }
     }
 
@@ -84,7 +115,11 @@ impl CommitSink for FanOut {
         }
         if deleted {
             // Dropping the sender ends every subscription once it has read `deleted`.
-            self.rings.write().remove(&node);
+            if self.rings.write().remove(&node).is_some()
+                && let Some(i) = self.interest.get()
+            {
+                i.unwatch(&node);
+            }
         }
     }
 }
@@ -172,6 +207,8 @@ impl Subscription {
         // this point is in the ring, every one before it is in the store.
         let rx = fanout.receiver(&node);
         fanout.metrics.subscribers.inc();
+        // With a shared engine, events committed elsewhere reach the ring only once the
+        // engine watches the node; until then they must be read from the store below.
         let mut sub = Self {
             node: node.clone(),
             epoch: Epoch(0),
@@ -188,8 +225,9 @@ impl Subscription {
             done: false,
             policy: OverflowPolicy::default(),
             store: store.clone(),
-            fanout,
+            fanout: fanout.clone(),
         };
+        fanout.watch(&node).await?;
         let meta = store
             .node(&node)
             .await?

@@ -43,4 +43,7 @@ pub use model::{
     AccessModel, Change, ContentType, Epoch, Event, EventKind, Item, ItemId, NodeConfig, NodeMeta,
     NodeName, Offset, Origin, OverflowPolicy, Payload, PublishModel, Record, SendLastPublished,
 };
-pub use store::{Append, Appended, CommitSink, EmbeddedConfig, EmbeddedStore, MemoryStore, Store};
+pub use store::{
+    Append, Appended, CommitSink, EmbeddedConfig, EmbeddedStore, MemoryStore, RedisConfig,
+    RedisStore, Store,
+};

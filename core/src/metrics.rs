@@ -106,3 +106,44 @@ impl Metrics {
             .inc();
     }
 }
+
+/// 1 while the shared engine (Redis) is reachable and its subscriptions are up.
+pub const ENGINE_UP: &str = "juxta_engine_up";
+/// Times the engine's pub/sub connections were re-established.
+pub const ENGINE_RECONNECTS: &str = "juxta_engine_reconnects";
+/// Events recovered from a node's Stream because their notification was missed.
+pub const ENGINE_GAP_FILLS: &str = "juxta_engine_gap_fills";
+
+/// The shared engine's metric handles (registered only when the Redis engine is used).
+#[derive(Debug, Default)]
+pub struct EngineMetrics {
+    /// See [`ENGINE_UP`].
+    pub up: Gauge,
+    /// See [`ENGINE_RECONNECTS`].
+    pub reconnects: Counter,
+    /// See [`ENGINE_GAP_FILLS`].
+    pub gap_fills: Counter,
+}
+
+impl EngineMetrics {
+    /// New handles, registered in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            ENGINE_UP,
+            "1 while the Redis engine and its subscriptions are up",
+            m.up.clone(),
+        );
+        registry.register(
+            ENGINE_RECONNECTS,
+            "Engine pub/sub connections re-established",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            ENGINE_GAP_FILLS,
+            "Events recovered from a node's Redis Stream after a missed notification",
+            m.gap_fills.clone(),
+        );
+        m
+    }
+}

@@ -135,6 +135,8 @@ pub enum Backend {
     Embedded,
     /// Memory only: nothing survives a restart.
     Memory,
+    /// A shared Redis (or Redis Cluster): several instances behave as one gateway.
+    Redis,
 }
 
 /// Storage.
@@ -147,6 +149,15 @@ pub struct StoreConfig {
     pub cache_mib: usize,
     /// Seconds an idempotency key is remembered.
     pub idempotency_window_secs: u64,
+    /// The Redis engine (`backend = "redis"`): `redis://[user:password@]host:port`; for a
+    /// Redis Cluster several seed URLs separated by commas, with `cluster = true`.
+    pub url: String,
+    /// Whether `url` names a Redis Cluster.
+    pub cluster: bool,
+    /// Prefix of every Redis key and channel (instances sharing one must agree).
+    pub prefix: String,
+    /// Seconds one Redis command may take before the engine counts as unreachable.
+    pub timeout_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -155,6 +166,10 @@ impl Default for StoreConfig {
             backend: Backend::Embedded,
             cache_mib: 64,
             idempotency_window_secs: 24 * 3600,
+            url: "redis://127.0.0.1:6379".to_owned(),
+            cluster: false,
+            prefix: "juxta".to_owned(),
+            timeout_secs: 5,
         }
     }
 }

@@ -5,7 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use juxta_core::{Bus, EmbeddedConfig, EmbeddedStore, FanOut, Limits, MemoryStore, Metrics, Store};
+use juxta_core::metrics::EngineMetrics;
+use juxta_core::{
+    Bus, EmbeddedConfig, EmbeddedStore, FanOut, Limits, MemoryStore, Metrics, RedisConfig,
+    RedisStore, Store,
+};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
@@ -93,6 +97,27 @@ impl Gateway {
                 )
             }
             Backend::Memory => Arc::new(MemoryStore::new(fanout.clone())),
+            Backend::Redis => {
+                let rc = RedisConfig {
+                    urls: cfg
+                        .store
+                        .url
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|u| !u.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                    cluster: cfg.store.cluster,
+                    prefix: cfg.store.prefix.clone(),
+                    idempotency_window: Duration::from_secs(cfg.store.idempotency_window_secs),
+                    timeout: Duration::from_secs(cfg.store.timeout_secs.max(1)),
+                };
+                let engine_metrics = Arc::new(EngineMetrics::register(&mut registry));
+                let store = RedisStore::start(rc, fanout.clone(), core_metrics, engine_metrics)
+                    .context("starting the Redis store")?;
+                fanout.set_interest(store.engine());
+                Arc::new(store)
+            }
         };
         let bus = Bus::new(
             store,

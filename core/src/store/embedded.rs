@@ -142,7 +142,7 @@ struct StoredSubscription {
     created_at: u64,
 }
 
-fn encode_subscription(s: &NodeSubscription) -> Vec<u8> {
+pub(super) fn encode_subscription(s: &NodeSubscription) -> Vec<u8> {
     // Serializing plain data to a Vec cannot fail.
     serde_json::to_vec(&StoredSubscription {
         state: s.state,
@@ -151,7 +151,7 @@ fn encode_subscription(s: &NodeSubscription) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-fn decode_subscription(
+pub(super) fn decode_subscription(
     node: &str,
     jid: &str,
     subid: &str,

@@ -6,7 +6,8 @@
 //! committed, so "acknowledged" always means "stored, then delivered", never the other way.
 //!
 //! Backends: [`MemoryStore`] (tests, nothing kept), [`EmbeddedStore`] (a redb file, the
-//! default; fsync before acknowledgement, group commit), and [`FaultyStore`], a wrapper that
+//! default; fsync before acknowledgement, group commit), [`RedisStore`] (the shared engine of
+//! several instances), and [`FaultyStore`], a wrapper that
 //! fails on demand for tests. The log rules every backend shares
 //! live in the private `log` module.
 
@@ -28,10 +29,12 @@ mod embedded;
 mod faulty;
 mod log;
 mod memory;
+mod redis;
 
 pub use embedded::{EmbeddedConfig, EmbeddedStore};
 pub use faulty::FaultyStore;
 pub use memory::MemoryStore;
+pub use redis::{Engine, RedisConfig, RedisStore};
 
 /// How long an idempotency key is remembered by default.
 pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);

@@ -76,16 +76,17 @@ impl From<juxta_core::Error> for ApiError {
             E::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             E::EpochMismatch { .. } | E::SlowConsumer => StatusCode::CONFLICT,
             E::Forbidden(_) => StatusCode::FORBIDDEN,
-            E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Unavailable(_) | E::EngineUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             E::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         };
-        let detail = if e.is_client_error() || matches!(e, E::Unavailable(_)) {
-            e.to_string()
-        } else {
-            tracing::error!(error = %e, "request failed");
-            "internal error; see the server log".to_owned()
-        };
+        let detail =
+            if e.is_client_error() || matches!(e, E::Unavailable(_) | E::EngineUnavailable(_)) {
+                e.to_string()
+            } else {
+                tracing::error!(error = %e, "request failed");
+                "internal error; see the server log".to_owned()
+            };
         Self::new(status, e.code(), detail)
     }
 }
