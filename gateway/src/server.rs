@@ -144,6 +144,46 @@ impl Gateway {
     }
 }
 
+/// How often an instance on a shared engine re-reads XMPP subscriptions.
+const PUBSUB_REFRESH: Duration = Duration::from_secs(2);
+
+/// Loads the XMPP subscriptions kept in the store. A shared engine may be unreachable at
+/// start: then the gateway serves anyway (not ready) and loads them once it answers.
+async fn start_pubsub(
+    cfg: &Config,
+    gw: &Gateway,
+    pubsub: &juxta_bridge_xmpp::pubsub::PubSub,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    if cfg.store.backend != Backend::Redis {
+        return pubsub.start().await.context("loading XMPP subscriptions");
+    }
+    let store = gw.shared.bus.store().clone();
+    for _ in 0..50 {
+        if store.ready().is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Err(e) = pubsub.start().await {
+        tracing::warn!(error = %e, "Redis is not reachable yet: serving, not ready, until it is");
+    }
+    // Other instances change subscriptions too, and a subscriber may be connected here:
+    // follow what the shared store holds.
+    let (pubsub, shutdown) = (pubsub.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        while !shutdown.is_cancelled() {
+            tokio::time::sleep(PUBSUB_REFRESH).await;
+            if store.ready().is_ok()
+                && let Err(e) = pubsub.refresh().await
+            {
+                tracing::debug!(error = %e, "refreshing XMPP subscriptions from Redis");
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Runs the gateway until SIGTERM or SIGINT, then drains and closes the store.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_nofile_limit();
@@ -151,7 +191,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let gw = Gateway::build(&cfg, shutdown.clone())?;
     let router = Arc::new(juxta_bridge_xmpp::router::Router::new());
     let pubsub = pubsub_service(&cfg, &gw, router.clone())?;
-    pubsub.start().await.context("loading XMPP subscriptions")?;
+    start_pubsub(&cfg, &gw, &pubsub, &shutdown).await?;
     if let Some(c) = &cfg.xmpp.component {
         let jid = juxta_bridge_xmpp::Jid::domain_jid(&c.jid)
             .map_err(|e| anyhow::anyhow!("xmpp.component.jid: {e}"))?;

@@ -348,6 +348,31 @@ impl PubSub {
         Ok(())
     }
 
+    /// Re-reads every node's affiliations and subscriptions from the store and starts or
+    /// stops feeders to match: with a store shared by several instances, the others change
+    /// them too, and a subscriber may be connected to any instance.
+    pub async fn refresh(&self) -> Result<(), Error> {
+        let store = self.inner.bus.store().clone();
+        for meta in store.nodes().await? {
+            let state = self.inner.state(&meta).await?;
+            let affiliations = store.affiliations(&meta.name).await?;
+            let subscriptions = store.subscriptions(&meta.name).await?;
+            let any = {
+                let mut m = state.members.write();
+                m.affiliations = affiliations.into_iter().collect();
+                m.subscriptions = subscriptions;
+                m.rebuild();
+                !m.recipients.is_empty()
+            };
+            if any {
+                self.inner.ensure_feeder(&state).await;
+            } else {
+                self.inner.stop_feeder_if_idle(&state);
+            }
+        }
+        Ok(())
+    }
+
     /// Stops every feeder.
     pub fn stop(&self) {
         self.inner.shutdown.cancel();
