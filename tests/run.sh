@@ -92,6 +92,9 @@ install_nat_tools() {
 }
 install_nat_tools
 
+log "deploy/: validating compose, kustomize, systemd, Prometheus and Grafana files"
+bash tests/deploy/check.sh
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
