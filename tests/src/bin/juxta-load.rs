@@ -92,6 +92,10 @@ struct Args {
     /// Target an already running server at this base URL instead of spawning one.
     #[arg(long)]
     url: Option<String>,
+    /// More instances of the same gateway (sharing one engine) for fan-out: subscribers and
+    /// publishers are spread round-robin over --url and these (repeatable).
+    #[arg(long = "also-url", value_name = "URL")]
+    also_urls: Vec<String>,
     /// The pid of the server given by --url or --xmpp, to read its RSS and CPU from /proc.
     #[arg(long, alias = "server-pid")]
     pid: Option<u32>,
@@ -203,6 +207,8 @@ fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
 /// The server under test: spawned by us, or given by --url.
 struct Target {
     base_url: String,
+    /// Further instances (--also-url).
+    also: Vec<String>,
     token: String,
     pid: Option<u32>,
     /// The c2s listener of a spawned server.
@@ -225,19 +231,26 @@ impl Target {
         )
     }
 
-    fn ws_url(&self) -> String {
-        let rest = self
-            .base_url
-            .strip_prefix("http://")
-            .map(|r| format!("ws://{r}"))
-            .or_else(|| {
-                self.base_url
-                    .strip_prefix("https://")
-                    .map(|r| format!("wss://{r}"))
-            })
-            .unwrap_or_else(|| self.base_url.clone());
-        format!("{}/api/v1/ws", rest.trim_end_matches('/'))
+    /// Every instance's base URL, --url first.
+    fn urls(&self) -> Vec<String> {
+        std::iter::once(self.base_url.clone())
+            .chain(self.also.iter().cloned())
+            .collect()
     }
+}
+
+/// `http://host:port` → `ws://host:port/api/v1/ws`.
+fn ws_url_of(base_url: &str) -> String {
+    let rest = base_url
+        .strip_prefix("http://")
+        .map(|r| format!("ws://{r}"))
+        .or_else(|| {
+            base_url
+                .strip_prefix("https://")
+                .map(|r| format!("wss://{r}"))
+        })
+        .unwrap_or_else(|| base_url.to_owned());
+    format!("{}/api/v1/ws", rest.trim_end_matches('/'))
 }
 
 #[tokio::main]
@@ -309,6 +322,11 @@ async fn connect_target(args: &Args, defaults: &[(&str, &str)]) -> Result<Target
             .context("--url needs --token (or JUXTA_TOKEN)")?;
         return Ok(Target {
             base_url: url.trim_end_matches('/').to_owned(),
+            also: args
+                .also_urls
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_owned())
+                .collect(),
             token,
             pid: args.pid,
             xmpp_addr: None,
@@ -334,6 +352,7 @@ async fn connect_target(args: &Args, defaults: &[(&str, &str)]) -> Result<Target
     let server = Server::start(options).await?;
     Ok(Target {
         base_url: server.base_url(),
+        also: Vec::new(),
         token: server.admin_key().to_owned(),
         pid: Some(server.pid()),
         xmpp_addr: server.xmpp_addr(),
@@ -995,19 +1014,17 @@ async fn publish_paced(
     let start = Instant::now();
     let rate = args.rate;
     let mut tasks = Vec::with_capacity(publishers);
-    for _ in 0..publishers {
+    let bases = target.urls();
+    for p in 0..publishers {
         let next = next.clone();
         let totals = totals.clone();
         let http = http.clone();
         let pad = pad.clone();
         let token = target.token.clone();
         let node = node.to_owned();
-        let single_url = format!(
-            "{}/api/v1/nodes/{}/items",
-            target.base_url,
-            encode_path_segment(&node)
-        );
-        let batch_url = format!("{}/api/v1/publish", target.base_url);
+        let base = &bases[p % bases.len()];
+        let single_url = format!("{}/api/v1/nodes/{}/items", base, encode_path_segment(&node));
+        let batch_url = format!("{base}/api/v1/publish");
         let size = args.size;
         tasks.push(tokio::spawn(async move {
             let mut latency = new_histogram()?;
@@ -1110,7 +1127,7 @@ async fn fanout(args: &Args, target: &Target, node: &str) -> Result<Value> {
 
     // Connect subscribers in parallel batches; each reports once it is subscribed.
     let (control_tx, control_rx) = watch::channel(Control::default());
-    let ws_url = target.ws_url();
+    let ws_urls: Vec<String> = target.urls().iter().map(|u| ws_url_of(u)).collect();
     let mut handles: Vec<JoinHandle<SubStats>> = Vec::with_capacity(args.subscribers);
     let mut connect_errors = Errors::default();
     // Connect + upgrade + subscribe time per subscriber: a tail near 1 s or 3 s means SYNs
@@ -1124,8 +1141,9 @@ async fn fanout(args: &Args, target: &Target, node: &str) -> Result<Value> {
         for _ in 0..n {
             let (tx, rx) = oneshot::channel();
             ready.push(rx);
+            let ws_url = ws_urls[handles.len() % ws_urls.len()].clone();
             handles.push(tokio::spawn(subscriber(
-                ws_url.clone(),
+                ws_url,
                 target.token.clone(),
                 node.to_owned(),
                 control_rx.clone(),

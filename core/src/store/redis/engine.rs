@@ -36,6 +36,8 @@ const TAIL_CHECK_EVERY: Duration = Duration::from_secs(5);
 const LINGER: Duration = Duration::from_secs(30);
 /// How long a new local subscriber waits for the engine to confirm.
 const WATCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a gap may stay open before it is filled from the Stream.
+const GAP_GRACE: Duration = Duration::from_millis(25);
 /// Records read per gap-fill page.
 const FILL_PAGE: usize = 512;
 
@@ -59,7 +61,7 @@ enum Msg {
     Watch(NodeName, oneshot::Sender<Result<(), Error>>),
     Unwatch(NodeName),
     Connected(Result<super::Conn, String>),
-    Pinged(bool),
+    Pinged(Result<(), String>),
     SubConnected(String, u64, Result<SubConn, String>),
     Slots(Vec<(u16, u16, String)>),
     Close,
@@ -74,6 +76,8 @@ pub struct Engine {
     cmd_up: AtomicBool,
     subs_up: AtomicBool,
     closed: AtomicBool,
+    /// Why Redis was last unreachable, for readiness reports.
+    last_error: Mutex<String>,
     metrics: Arc<EngineMetrics>,
 }
 
@@ -92,6 +96,7 @@ impl Engine {
             cmd_up: AtomicBool::new(false),
             subs_up: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            last_error: Mutex::new("not connected yet".to_owned()),
             metrics,
         });
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -123,12 +128,16 @@ impl Engine {
             return Err(Error::Unavailable("store closed".into()));
         }
         if !self.cmd_up.load(Ordering::Acquire) {
-            return Err(Error::EngineUnavailable("Redis is unreachable".into()));
+            return Err(Error::EngineUnavailable(format!(
+                "Redis is unreachable: {}",
+                self.last_error.lock()
+            )));
         }
         if !self.subs_up.load(Ordering::Acquire) {
-            return Err(Error::EngineUnavailable(
-                "the engine's pub/sub subscriptions are down".into(),
-            ));
+            return Err(Error::EngineUnavailable(format!(
+                "the engine's pub/sub subscriptions are down: {}",
+                self.last_error.lock()
+            )));
         }
         Ok(())
     }
@@ -228,7 +237,7 @@ impl Engine {
     fn fill_if_gap(self: &Arc<Self>, node: &NodeName, seq: &mut Seq) {
         if !seq.pending.is_empty() && !seq.filling {
             seq.filling = true;
-            tokio::spawn(self.clone().fill(node.clone()));
+            tokio::spawn(self.clone().fill(node.clone(), true));
         }
     }
 
@@ -240,12 +249,25 @@ impl Engine {
             && !seq.filling
         {
             seq.filling = true;
-            tokio::spawn(self.clone().fill(node.clone()));
+            tokio::spawn(self.clone().fill(node.clone(), false));
         }
     }
 
-    /// Reads the Stream after `last` until the gap is closed (or known unfillable).
-    async fn fill(self: Arc<Self>, node: NodeName) {
+    /// Reads the Stream after `last` until the gap is closed (or known unfillable). With
+    /// `grace`, first waits a moment: concurrent commits of this instance and the channel
+    /// usually close a gap by themselves, without a read.
+    async fn fill(self: Arc<Self>, node: NodeName, grace: bool) {
+        if grace {
+            tokio::time::sleep(GAP_GRACE).await;
+            let mut seqs = self.seqs.lock();
+            let Some(seq) = seqs.get_mut(&node) else {
+                return;
+            };
+            if seq.pending.is_empty() {
+                seq.filling = false;
+                return;
+            }
+        }
         loop {
             let after = match self.seqs.lock().get(&node) {
                 Some(s) => s.last,
@@ -511,14 +533,16 @@ impl Supervisor {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "engine: cannot connect to Redis");
+                        *self.engine.last_error.lock() = e;
                         self.backoff.failed();
                     }
                 }
             }
-            Msg::Pinged(ok) => {
+            Msg::Pinged(r) => {
                 self.pinging = false;
-                self.engine.cmd_up.store(ok, Ordering::Release);
-                if !ok {
+                self.engine.cmd_up.store(r.is_ok(), Ordering::Release);
+                if let Err(e) = r {
+                    *self.engine.last_error.lock() = e;
                     self.was_down = true;
                 }
             }
@@ -535,6 +559,7 @@ impl Supervisor {
                     }
                     Err(e) => {
                         tracing::warn!(%addr, error = %e, "engine: pub/sub connection failed");
+                        *self.engine.last_error.lock() = e;
                         self.backoff.failed();
                     }
                 }
@@ -664,6 +689,7 @@ impl Supervisor {
                     return;
                 };
                 tracing::warn!(%addr, error = %why, "engine: pub/sub connection lost");
+                *self.engine.last_error.lock() = why;
                 self.conns.remove(&addr);
                 self.was_down = true;
                 for w in self.watched.values_mut() {
@@ -696,14 +722,15 @@ impl Supervisor {
             self.last_ping = now;
             let shared = self.engine.shared.clone();
             self.spawn_msg(async move {
-                let ok = match shared.conn() {
+                let r = match shared.conn() {
                     Ok(mut c) => redis::cmd("PING")
                         .query_async::<String>(&mut c)
                         .await
-                        .is_ok(),
-                    Err(_) => false,
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
                 };
-                Msg::Pinged(ok)
+                Msg::Pinged(r)
             });
         }
         // Pub/sub connections: the standalone server always (so that an outage shows even

@@ -47,8 +47,9 @@ pub use engine::Engine;
 
 /// Most appends one script call carries.
 const MAX_BATCH: usize = 256;
-/// Script calls in flight at once.
-const FLIGHTS: usize = 8;
+/// Batches in flight at once. One: appends that arrive while a batch is in Redis wait and go
+/// together in the next (group commit), one script call per node for all of them.
+const FLIGHTS: usize = 1;
 
 /// How to reach Redis.
 #[derive(Clone, Debug)]
