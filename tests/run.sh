@@ -92,6 +92,26 @@ install_nat_tools() {
 }
 install_nat_tools
 
+# Redis, the engine several instances share (core's Redis store tests and
+# tests/tests/engine.rs start their own redis-server processes on free ports). From Debian
+# when missing and we are root; otherwise those tests say they are skipped (and fail under
+# CI=true). A system-wide service the package may start is stopped and disabled.
+install_redis() {
+  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+    return 0
+  fi
+  if [ "$(id -u)" != 0 ]; then
+    echo "redis-server is not installed and this is not root: the Redis tests will say they are skipped" >&2
+    return 0
+  fi
+  log "installing redis-server from Debian"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
+  service redis-server stop >/dev/null 2>&1 || true
+  systemctl disable --now redis-server >/dev/null 2>&1 || true
+}
+install_redis
+
 log "deploy/: validating compose, kustomize, systemd, Prometheus and Grafana files"
 bash tests/deploy/check.sh
 

@@ -38,6 +38,10 @@ const LINGER: Duration = Duration::from_secs(30);
 const WATCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a gap may stay open before it is filled from the Stream.
 const GAP_GRACE: Duration = Duration::from_millis(25);
+/// Control messages (watch, unwatch, connection results) waiting for the supervisor.
+const CONTROL_QUEUE: usize = 1024;
+/// Pub/sub pushes waiting for the supervisor.
+const EVENT_QUEUE: usize = 8192;
 /// Records read per gap-fill page.
 const FILL_PAGE: usize = 512;
 
@@ -72,7 +76,7 @@ enum Msg {
 pub struct Engine {
     shared: Arc<Shared>,
     seqs: Mutex<HashMap<NodeName, Seq>>,
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: mpsc::Sender<Msg>,
     cmd_up: AtomicBool,
     subs_up: AtomicBool,
     closed: AtomicBool,
@@ -88,7 +92,7 @@ impl Engine {
         auth: Auth,
         metrics: Arc<EngineMetrics>,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let engine = Arc::new(Self {
             shared,
             seqs: Mutex::new(HashMap::new()),
@@ -99,7 +103,9 @@ impl Engine {
             last_error: Mutex::new("not connected yet".to_owned()),
             metrics,
         });
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        // Full: the connections stop reading, Redis buffers, and past its output limit for
+        // pub/sub clients it drops the connection; the reconnect reads the gap from the Streams.
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let sup = Supervisor {
             engine: engine.clone(),
             addrs,
@@ -144,7 +150,7 @@ impl Engine {
 
     pub(super) fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let _ = self.tx.send(Msg::Close);
+        let _ = self.tx.try_send(Msg::Close);
     }
 
     /// Hands committed events of one node to the sink, in offset order, once.
@@ -402,13 +408,15 @@ impl Interest for Engine {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Watch(node.clone(), tx))
+            .await
             .map_err(|_| Error::Unavailable("store closed".into()))?;
         rx.await
             .unwrap_or_else(|_| Err(Error::Unavailable("store closed".into())))
     }
 
     fn unwatch(&self, node: &NodeName) {
-        let _ = self.tx.send(Msg::Unwatch(node.clone()));
+        // Full: the node stays subscribed until a later unwatch gets through (harmless).
+        let _ = self.tx.try_send(Msg::Unwatch(node.clone()));
     }
 }
 
@@ -465,7 +473,7 @@ struct Supervisor {
     conns: HashMap<String, (u64, SubConn)>,
     connecting: HashMap<String, u64>,
     next_id: u64,
-    events_tx: mpsc::UnboundedSender<(u64, Push)>,
+    events_tx: mpsc::Sender<(u64, Push)>,
     watched: HashMap<NodeName, Watched>,
     channels: HashMap<Vec<u8>, NodeName>,
     /// Cluster slot ranges and their masters.
@@ -483,11 +491,7 @@ impl Supervisor {
         self.engine.shared.cfg.cluster
     }
 
-    async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<Msg>,
-        mut events: mpsc::UnboundedReceiver<(u64, Push)>,
-    ) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, mut events: mpsc::Receiver<(u64, Push)>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -508,7 +512,7 @@ impl Supervisor {
     {
         let tx = self.engine.tx.clone();
         tokio::spawn(async move {
-            let _ = tx.send(f.await);
+            let _ = tx.send(f.await).await;
         });
     }
 
@@ -996,7 +1000,7 @@ mod tests {
     fn slots_follow_the_hash_tag() {
         // Known values from the Redis Cluster specification's CRC16 test vector and
         // `CLUSTER KEYSLOT`.
-        assert_eq!(slot_of(b"123456789"), 0x31C3 % 16384);
+        assert_eq!(slot_of(b"123456789"), 0x31C3);
         assert_eq!(slot_of(b"juxta:{n}:meta"), slot_of(b"juxta:{n}:events"));
         assert_eq!(slot_of(b"juxta:{n}:meta"), slot_of(b"n"));
     }

@@ -12,6 +12,8 @@ use tokio::sync::mpsc;
 /// Longest bulk string accepted from the server: a record is at most the payload limit plus
 /// a few hundred bytes, and a message batches records of one commit.
 const MAX_BULK: usize = 512 << 20;
+/// Commands waiting to be written to one connection.
+const COMMAND_QUEUE: usize = 4096;
 
 /// What a pub/sub connection reports.
 #[derive(Debug)]
@@ -38,7 +40,7 @@ pub(super) struct Auth {
 /// A live pub/sub connection. Dropping it closes the connection.
 #[derive(Debug)]
 pub(super) struct SubConn {
-    commands: mpsc::UnboundedSender<Vec<Vec<u8>>>,
+    commands: mpsc::Sender<Vec<Vec<u8>>>,
 }
 
 impl SubConn {
@@ -49,7 +51,7 @@ impl SubConn {
         auth: &Auth,
         timeout: Duration,
         id: u64,
-        events: mpsc::UnboundedSender<(u64, Push)>,
+        events: mpsc::Sender<(u64, Push)>,
     ) -> io::Result<Self> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
@@ -78,7 +80,7 @@ impl SubConn {
                 }
             }
         }
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Vec<u8>>>();
+        let (tx, mut rx) = mpsc::channel::<Vec<Vec<u8>>>(COMMAND_QUEUE);
         tokio::spawn(async move {
             let why = loop {
                 tokio::select! {
@@ -92,7 +94,7 @@ impl SubConn {
                     },
                     v = read_value(&mut read) => match v {
                         Ok(v) => {
-                            if let Some(p) = interpret(v) && events.send((id, p)).is_err() {
+                            if let Some(p) = interpret(v) && events.send((id, p)).await.is_err() {
                                 return;
                             }
                         }
@@ -100,14 +102,15 @@ impl SubConn {
                     },
                 }
             };
-            let _ = events.send((id, Push::Down(why)));
+            let _ = events.send((id, Push::Down(why))).await;
         });
         Ok(Self { commands: tx })
     }
 
     /// Sends a command (`SSUBSCRIBE ch…`, `SUNSUBSCRIBE ch…`); its answer comes as a push.
+    /// `false` when the connection is gone or its queue is full: the caller tries again later.
     pub(super) fn send(&self, cmd: Vec<Vec<u8>>) -> bool {
-        self.commands.send(cmd).is_ok()
+        self.commands.try_send(cmd).is_ok()
     }
 }
 

@@ -1,0 +1,501 @@
+//! Several `juxta serve` instances on one Redis (and on a Redis Cluster) behave as one gateway:
+//! subscribers on any instance, by any protocol, receive what is published on any other, in
+//! order, once; an instance or Redis can die without losing acknowledged items.
+//!
+//! Each test starts its own `redis-server` processes on free ports and stops them afterwards.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use juxta_tests::interop::Slixmpp;
+use juxta_tests::{Server, ServerOptions, SseClient, WsClient, unique};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `true` when redis-server is here; otherwise says so (and fails under CI=true).
+fn have_redis() -> bool {
+    let ok = std::process::Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "redis-server is required in CI (tests/run.sh installs it)"
+        );
+        eprintln!("SKIPPED: redis-server is not installed (tests/run.sh installs it as root)");
+    }
+    ok
+}
+
+/// One `redis-server` on a free port with its own directory.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Redis {
+    async fn start(extra: &[&str]) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let mut r = Self {
+            child: None,
+            port: free_port()?,
+            dir: tmp.path().to_owned(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: tmp,
+        };
+        r.spawn().await?;
+        Ok(r)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting redis-server")?;
+        self.child = Some(child);
+        wait_port(self.port).await
+    }
+
+    async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+            c.wait().await?;
+        }
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn cli(&self, args: &[&str]) -> Result<String> {
+        redis_cli(self.port, args).await
+    }
+}
+
+async fn redis_cli(port: u16, args: &[&str]) -> Result<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .await
+        .context("redis-cli")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+async fn wait_port(port: u16) -> Result<()> {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("nothing listens on {port}")
+}
+
+/// A 3-master Redis Cluster (no replicas).
+struct Cluster {
+    nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    async fn start() -> Result<Self> {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let tmp = tempfile::tempdir()?;
+            let conf = tmp.path().join("nodes.conf");
+            let mut r = Redis {
+                child: None,
+                port: free_port()?,
+                dir: tmp.path().to_owned(),
+                args: vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    conf.display().to_string(),
+                ],
+                _tmp: tmp,
+            };
+            r.spawn().await?;
+            nodes.push(r);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .await?;
+        ensure!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for n in &nodes {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while !n
+                .cli(&["cluster", "info"])
+                .await?
+                .contains("cluster_state:ok")
+            {
+                ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "cluster never got ok"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(Self { nodes })
+    }
+
+    fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Redis::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+const ADMIN: &str = "engine-test-admin-key-0123456789abcdef";
+
+fn options(url: &str, cluster: bool, data: Option<&Path>) -> ServerOptions {
+    let mut o = ServerOptions::new()
+        .admin_key(ADMIN)
+        .env("JUXTA_STORE__BACKEND", "redis")
+        .env("JUXTA_STORE__URL", url)
+        .env("JUXTA_P2P__ENABLED", "false");
+    if cluster {
+        o = o.env("JUXTA_STORE__CLUSTER", "true");
+    }
+    if let Some(d) = data {
+        o = o.data_dir(d);
+    }
+    o
+}
+
+async fn instances(url: &str, cluster: bool, n: usize) -> Result<Vec<Server>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let s = Server::start(options(url, cluster, None)).await?;
+        wait_ready(&s, true).await?;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+async fn ready(s: &Server) -> Result<bool> {
+    let r = s.api().get("/readyz").await?;
+    Ok(r.status == 200)
+}
+
+async fn wait_ready(s: &Server, want: bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready(s).await? != want {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never became {want}: {}",
+            s.output_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Reads `n` events and checks they are offsets `from..from+n` with the given ids.
+async fn ws_expect(ws: &mut WsClient, from: u64, ids: &[String]) -> Result<()> {
+    for (i, id) in ids.iter().enumerate() {
+        let e = ws.next_event().await?;
+        ensure!(
+            e["offset"] == from + i as u64 && e["item"]["id"] == id.as_str(),
+            "expected offset {} id {id}, got {e}",
+            from + i as u64
+        );
+    }
+    Ok(())
+}
+
+async fn sse_expect(sse: &mut SseClient, from: u64, ids: &[String]) -> Result<()> {
+    for (i, id) in ids.iter().enumerate() {
+        let (_, e) = sse.next_json("published").await?;
+        ensure!(
+            e["offset"] == from + i as u64 && e["item"]["id"] == id.as_str(),
+            "SSE: expected offset {} id {id}, got {e}",
+            from + i as u64
+        );
+    }
+    Ok(())
+}
+
+async fn sse_open(s: &Server, node: &str) -> Result<SseClient> {
+    let mut sse = SseClient::open(&s.api(), node, &[], None).await?;
+    sse.next_json("subscribed").await?;
+    Ok(sse)
+}
+
+async fn publish_n(s: &Server, node: &str, n: usize, tag: &str) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = s
+            .api()
+            .publish(
+                node,
+                &json!({"id": format!("{tag}{i}"), "payload": {"i": i}}),
+            )
+            .await?
+            .expect(201)?;
+        ids.push(r["id"].as_str().context("id")?.to_owned());
+    }
+    Ok(ids)
+}
+
+#[tokio::test]
+async fn three_instances_on_one_redis_behave_as_one_gateway() -> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let redis = Redis::start(&[]).await?;
+    let g = instances(&redis.url(), false, 3).await?;
+    let (a, b, c) = (&g[0], &g[1], &g[2]);
+    let node = unique("scale");
+    a.api().create_node(&node, None).await?;
+    // A node created on a exists on b; an account created on b logs in on a.
+    b.api().get_node(&node).await?.expect(200)?;
+    b.api()
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/accounts/bob",
+            Some(&json!({"password": "bob pass"})),
+        )
+        .await?
+        .expect(201)?;
+
+    let mut ws = WsClient::connect(&a.ws_url(), ADMIN).await?;
+    ws.subscribed(&node, None, None).await?;
+    let mut sse = sse_open(b, &node).await?;
+    let n = 100;
+    let client = Slixmpp::start(
+        a.xmpp_addr().context("a's XMPP address")?,
+        "bob@localhost",
+        "bob pass",
+        &a.data_dir().join("xmpp-localhost.crt"),
+        &json!([
+            {"op": "subscribe", "to": "pubsub.localhost", "node": node},
+            {"op": "wait_events", "node": node, "count": n, "timeout": 50},
+        ]),
+    )?;
+    juxta_tests::interop::wait_for_subscribers(a, &node, 2, "bob").await?;
+
+    let ids = publish_n(c, &node, n, "c").await?;
+    ws_expect(&mut ws, 1, &ids).await?;
+    sse_expect(&mut sse, 1, &ids).await?;
+    let (ok, report) = client.finish(WAIT).await?;
+    ensure!(ok, "XMPP client on a: {report}");
+    let got: Vec<&str> = report["steps"][1]["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    ensure!(
+        got == ids.iter().map(String::as_str).collect::<Vec<_>>(),
+        "XMPP client on a got {got:?}"
+    );
+    // Nothing more: no duplicates anywhere.
+    ensure!(
+        ws.recv_within(Duration::from_millis(500)).await.is_err(),
+        "a duplicate reached the WebSocket subscriber"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_instance_loses_nothing_its_subscribers_resume_elsewhere() -> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let redis = Redis::start(&[]).await?;
+    let mut g = instances(&redis.url(), false, 3).await?;
+    let node = unique("kill");
+    g[0].api().create_node(&node, None).await?;
+    let mut on_a = WsClient::connect(&g[0].ws_url(), ADMIN).await?;
+    let sub = on_a.subscribed(&node, None, None).await?;
+    let epoch = sub["epoch"].as_str().context("epoch")?.to_owned();
+    let mut on_c = WsClient::connect(&g[2].ws_url(), ADMIN).await?;
+    on_c.subscribed(&node, None, None).await?;
+
+    let first = publish_n(&g[1], &node, 50, "x").await?;
+    ws_expect(&mut on_a, 1, &first).await?;
+    g[0].kill9().await?;
+    let more = publish_n(&g[1], &node, 50, "y").await?;
+    // The subscriber of the dead instance resumes on b from its last offset.
+    let mut again = WsClient::connect(&g[1].ws_url(), ADMIN).await?;
+    let sub = again.subscribed(&node, Some(50), Some(&epoch)).await?;
+    ensure!(sub["recovered"] == true, "{sub}");
+    let rest = publish_n(&g[2], &node, 20, "z").await?;
+    ws_expect(&mut again, 51, &[more.clone(), rest.clone()].concat()).await?;
+    ws_expect(&mut on_c, 1, &[first, more, rest].concat()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redis_restart_with_aof_always_loses_no_acknowledged_item() -> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let mut redis = Redis::start(&["--appendonly", "yes", "--appendfsync", "always"]).await?;
+    let g = instances(&redis.url(), false, 2).await?;
+    let (a, b) = (&g[0], &g[1]);
+    let node = unique("aof");
+    a.api().create_node(&node, None).await?;
+    let mut ws = WsClient::connect(&a.ws_url(), ADMIN).await?;
+    ws.subscribed(&node, None, None).await?;
+    let mut sse = sse_open(b, &node).await?;
+
+    let mut acked = publish_n(a, &node, 30, "before").await?;
+    redis.kill9().await?;
+    wait_ready(a, false).await?;
+    wait_ready(b, false).await?;
+    // While Redis is down a publish is refused, never acknowledged.
+    for s in [a, b] {
+        let r = s
+            .api()
+            .publish(&node, &json!({"id": "down", "payload": 0}))
+            .await?;
+        r.expect_problem(503, "engine_unavailable")?;
+    }
+    redis.spawn().await?;
+    wait_ready(a, true).await?;
+    wait_ready(b, true).await?;
+    acked.extend(publish_n(b, &node, 30, "after").await?);
+
+    // Every acknowledged item is in history, once, in order; subscribers on both instances
+    // got each exactly once, without a gap.
+    let items = a.api().all_items(&node).await?;
+    let stored: Vec<&str> = items.iter().filter_map(|i| i["id"].as_str()).collect();
+    ensure!(
+        stored == acked.iter().map(String::as_str).collect::<Vec<_>>(),
+        "history after the restart: {stored:?}"
+    );
+    ws_expect(&mut ws, 1, &acked).await?;
+    sse_expect(&mut sse, 1, &acked).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_three_master_redis_cluster_serves_several_instances() -> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let cluster = Cluster::start().await?;
+    let g = instances(&cluster.urls(), true, 3).await?;
+    // Several nodes, so that they live on different masters.
+    for k in 0..4 {
+        let node = format!("{}-{k}", unique("cl"));
+        g[0].api().create_node(&node, None).await?;
+        let mut ws = WsClient::connect(&g[0].ws_url(), ADMIN).await?;
+        ws.subscribed(&node, None, None).await?;
+        let mut sse = sse_open(&g[1], &node).await?;
+        let ids = publish_n(&g[2], &node, 20, "c").await?;
+        ws_expect(&mut ws, 1, &ids).await?;
+        sse_expect(&mut sse, 1, &ids).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn engine_faults_are_clear_errors_and_the_process_stays_up() -> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    // Unreachable at start: serving, alive, not ready, publishes refused.
+    let port = free_port()?;
+    let s = Server::start(options(&format!("redis://127.0.0.1:{port}"), false, None)).await?;
+    ensure!(s.api().healthy().await?, "healthz");
+    ensure!(!ready(&s).await?, "ready without Redis");
+    s.api()
+        .publish("n", &json!({"payload": 1}))
+        .await?
+        .expect_problem(503, "engine_unavailable")?;
+    let body = s.api().get("/readyz").await?.body;
+    ensure!(
+        body["checks"]["store"]
+            .as_str()
+            .is_some_and(|t| t.contains("Redis")),
+        "{body}"
+    );
+    drop(s);
+
+    // Wrong password: not ready, and /readyz says why.
+    let redis = Redis::start(&["--requirepass", "right-password"]).await?;
+    let url = format!("redis://:wrong-password@127.0.0.1:{}", redis.port);
+    let s = Server::start(options(&url, false, None)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(!ready(&s).await?, "ready with a wrong password");
+    let body = s.api().get("/readyz").await?.body;
+    let why = body["checks"]["store"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    ensure!(
+        why.contains("auth") || why.contains("password") || why.contains("pass"),
+        "readyz does not say the password is wrong: {body}"
+    );
+    drop(s);
+
+    // A key of the wrong type under a node: that node fails with a clear 500, the rest works.
+    let redis = Redis::start(&[]).await?;
+    let g = instances(&redis.url(), false, 1).await?;
+    let s = &g[0];
+    let (bad, good) = (unique("bad"), unique("good"));
+    s.api().create_node(&bad, None).await?;
+    s.api().create_node(&good, None).await?;
+    publish_n(s, &bad, 3, "b").await?;
+    redis.cli(&["del", &format!("juxta:{{{bad}}}:log")]).await?;
+    redis
+        .cli(&["set", &format!("juxta:{{{bad}}}:log"), "garbage"])
+        .await?;
+    s.api()
+        .publish(&bad, &json!({"payload": 1}))
+        .await?
+        .expect_problem(500, "storage_error")?;
+    let ids = publish_n(s, &good, 3, "g").await?;
+    let stored: Vec<Value> = s.api().all_items(&good).await?;
+    ensure!(stored.len() == ids.len(), "{stored:?}");
+    ensure!(s.api().healthy().await?, "healthz after the bad key");
+    ensure!(ready(s).await?, "readyz after the bad key");
+    Ok(())
+}
