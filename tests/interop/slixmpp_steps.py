@@ -32,6 +32,10 @@ Steps ("to" is the JID asked; "node" a pubsub or disco node):
         before this step are not missed.
   {"op": "iq", "type", "to", "payload"}                  -> "reply": the answer's XML
   {"op": "sleep", "seconds"}
+  {"op": "events", "node"}                               -> "events": every event of NODE
+                                                          received so far, without waiting
+  {"op": "presence", "type"?}                            broadcasts presence ("unavailable", or
+                                                          available when no type is given)
 """
 
 import asyncio
@@ -202,6 +206,13 @@ class Runner(slixmpp.ClientXMPP):
             out["reply"] = str(reply)
         elif op == "sleep":
             await asyncio.sleep(step["seconds"])
+        elif op == "events":
+            out["events"] = [e for e in self.events if e["node"] == step["node"]]
+        elif op == "presence":
+            if step.get("type"):
+                self.send_presence(ptype=step["type"])
+            else:
+                self.send_presence()
         else:
             raise ValueError(f"unknown op {op!r}")
         return out

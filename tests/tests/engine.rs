@@ -343,6 +343,66 @@ async fn three_instances_on_one_redis_behave_as_one_gateway() -> Result<()> {
 }
 
 #[tokio::test]
+async fn presence_based_delivery_follows_presence_on_the_subscribers_instance() -> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let redis = Redis::start(&[]).await?;
+    let g = instances(&redis.url(), false, 2).await?;
+    let (a, b) = (&g[0], &g[1]);
+    let node = unique("presence");
+    a.api()
+        .create_node(
+            &node,
+            Some(&json!({"presence_based_delivery": true, "send_last_published_item": "never"})),
+        )
+        .await?;
+    a.api()
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/accounts/carol",
+            Some(&json!({"password": "carol pass"})),
+        )
+        .await?
+        .expect(201)?;
+    // Carol is on a; publishes happen on b. She gets what is published while she is
+    // available, and nothing once she has said she is unavailable.
+    let client = Slixmpp::start(
+        a.xmpp_addr().context("a's XMPP address")?,
+        "carol@localhost",
+        "carol pass",
+        &a.data_dir().join("xmpp-localhost.crt"),
+        &json!([
+            {"op": "subscribe", "to": "pubsub.localhost", "node": node},
+            {"op": "wait_events", "node": node, "count": 1, "timeout": 40},
+            {"op": "presence", "type": "unavailable"},
+            {"op": "sleep", "seconds": 4},
+            {"op": "events", "node": node},
+        ]),
+    )?;
+    juxta_tests::interop::wait_for_subscribers(a, &node, 1, "carol").await?;
+    b.api()
+        .publish(&node, &json!({"id": "while-available", "payload": 1}))
+        .await?
+        .expect(201)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b.api()
+        .publish(&node, &json!({"id": "while-unavailable", "payload": 2}))
+        .await?
+        .expect(201)?;
+    let (ok, report) = client.finish(WAIT).await?;
+    ensure!(ok, "XMPP client on a: {report}");
+    let got: Vec<&str> = report["steps"][4]["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    ensure!(got == ["while-available"], "carol got {got:?}: {report}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_killed_instance_loses_nothing_its_subscribers_resume_elsewhere() -> Result<()> {
     if !have_redis() {
         return Ok(());
