@@ -260,6 +260,18 @@ async fn sse_expect(sse: &mut SseClient, from: u64, ids: &[String]) -> Result<()
     Ok(())
 }
 
+async fn add_account(s: &Server, user: &str, password: &str) -> Result<()> {
+    s.api()
+        .call(
+            reqwest::Method::PUT,
+            &format!("/api/v1/accounts/{user}"),
+            Some(&json!({ "password": password })),
+        )
+        .await?
+        .expect(201)?;
+    Ok(())
+}
+
 async fn sse_open(s: &Server, node: &str) -> Result<SseClient> {
     let mut sse = SseClient::open(&s.api(), node, &[], None).await?;
     sse.next_json("subscribed").await?;
@@ -294,14 +306,7 @@ async fn three_instances_on_one_redis_behave_as_one_gateway() -> Result<()> {
     a.api().create_node(&node, None).await?;
     // A node created on a exists on b; an account created on b logs in on a.
     b.api().get_node(&node).await?.expect(200)?;
-    b.api()
-        .call(
-            reqwest::Method::PUT,
-            "/api/v1/accounts/bob",
-            Some(&json!({"password": "bob pass"})),
-        )
-        .await?
-        .expect(201)?;
+    add_account(b, "bob", "bob pass").await?;
 
     let mut ws = WsClient::connect(&a.ws_url(), ADMIN).await?;
     ws.subscribed(&node, None, None).await?;
@@ -357,14 +362,7 @@ async fn presence_based_delivery_follows_presence_on_the_subscribers_instance() 
             Some(&json!({"presence_based_delivery": true, "send_last_published_item": "never"})),
         )
         .await?;
-    a.api()
-        .call(
-            reqwest::Method::PUT,
-            "/api/v1/accounts/carol",
-            Some(&json!({"password": "carol pass"})),
-        )
-        .await?
-        .expect(201)?;
+    add_account(a, "carol", "carol pass").await?;
     // Carol is on a; publishes happen on b. She gets what is published while she is
     // available, and nothing once she has said she is unavailable.
     let client = Slixmpp::start(

@@ -65,7 +65,7 @@ enum Msg {
     Watch(NodeName, oneshot::Sender<Result<(), Error>>),
     Unwatch(NodeName),
     Connected(Result<super::Conn, String>),
-    Pinged(Result<(), String>),
+    Pinged(u64, Result<(), String>),
     SubConnected(String, u64, Result<SubConn, String>),
     Slots(Vec<(u16, u16, String)>),
     Close,
@@ -123,6 +123,7 @@ impl Engine {
             last_tail_check: Instant::now(),
             backoff: Backoff::default(),
             was_down: false,
+            generation: 0,
         };
         let task = tokio::spawn(sup.run(rx, events_rx));
         (engine, task)
@@ -203,17 +204,9 @@ impl Engine {
     }
 
     fn emit_deleted(&self, node: &NodeName, epoch: Epoch, offset: Offset) {
-        let ev = Event::new(
-            node.clone(),
-            epoch,
-            Record {
-                offset,
-                change: Change::Deleted,
-                at: time::now_ms(),
-            },
-            Origin::History,
-        );
-        self.shared.sink.committed(Arc::new(ev));
+        self.shared
+            .sink
+            .committed(deleted_event(node, epoch, offset, Origin::History));
     }
 
     /// Emits pending events that follow `last` without a gap.
@@ -484,6 +477,8 @@ struct Supervisor {
     last_tail_check: Instant,
     backoff: Backoff,
     was_down: bool,
+    /// Counts pub/sub connection losses, to tell stale PING answers from fresh ones.
+    generation: u64,
 }
 
 impl Supervisor {
@@ -542,8 +537,12 @@ impl Supervisor {
                     }
                 }
             }
-            Msg::Pinged(r) => {
+            Msg::Pinged(generation, r) => {
                 self.pinging = false;
+                // A PING sent before the last connection loss proves nothing.
+                if generation != self.generation && r.is_ok() {
+                    return;
+                }
                 self.engine.cmd_up.store(r.is_ok(), Ordering::Release);
                 if let Err(e) = r {
                     *self.engine.last_error.lock() = e;
@@ -703,6 +702,11 @@ impl Supervisor {
                     }
                 }
                 self.engine.subs_up.store(false, Ordering::Release);
+                // The command connection very likely broke too: until a PING has gone through
+                // (and so made it reconnect), no request should be the one that finds out.
+                self.engine.cmd_up.store(false, Ordering::Release);
+                self.generation += 1;
+                self.last_ping = Instant::now() - PING_EVERY;
                 self.engine.metrics.up.set(0);
                 if self.cluster() {
                     self.refresh_slots();
@@ -725,6 +729,7 @@ impl Supervisor {
             self.pinging = true;
             self.last_ping = now;
             let shared = self.engine.shared.clone();
+            let generation = self.generation;
             self.spawn_msg(async move {
                 let r = match shared.conn() {
                     Ok(mut c) => redis::cmd("PING")
@@ -734,7 +739,7 @@ impl Supervisor {
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
-                Msg::Pinged(r)
+                Msg::Pinged(generation, r)
             });
         }
         // Pub/sub connections: the standalone server always (so that an outage shows even
@@ -952,6 +957,25 @@ fn slot_of(key: &[u8]) -> u16 {
     crc % 16384
 }
 
+/// The end of a node's history: its `deleted` event at `offset`.
+pub(super) fn deleted_event(
+    node: &NodeName,
+    epoch: Epoch,
+    offset: Offset,
+    origin: Origin,
+) -> Arc<Event> {
+    Arc::new(Event::new(
+        node.clone(),
+        epoch,
+        Record {
+            offset,
+            change: Change::Deleted,
+            at: time::now_ms(),
+        },
+        origin,
+    ))
+}
+
 /// Decodes a channel message: `P<epoch>\n` + records, or `D<epoch>\n<offset>`.
 fn parse_message(node: &NodeName, b: &[u8]) -> Option<(Epoch, Vec<Arc<Event>>)> {
     let (&kind, rest) = b.split_first()?;
@@ -962,16 +986,7 @@ fn parse_message(node: &NodeName, b: &[u8]) -> Option<(Epoch, Vec<Arc<Event>>)> 
     match kind {
         b'D' => {
             let offset: Offset = std::str::from_utf8(rest).ok()?.parse().ok()?;
-            out.push(Arc::new(Event::new(
-                node.clone(),
-                epoch,
-                Record {
-                    offset,
-                    change: Change::Deleted,
-                    at: time::now_ms(),
-                },
-                Origin::History,
-            )));
+            out.push(deleted_event(node, epoch, offset, Origin::History));
         }
         b'P' => {
             while !rest.is_empty() {

@@ -838,17 +838,8 @@ impl Store for RedisStore {
             .exec_async(&mut c)
             .await
             .map_err(|e| engine_error(&e))?;
-        let event = Event::new(
-            name.clone(),
-            epoch,
-            Record {
-                offset,
-                change: Change::Deleted,
-                at: time::now_ms(),
-            },
-            origin,
-        );
-        self.engine.deliver(name, epoch, vec![Arc::new(event)]);
+        let event = engine::deleted_event(name, epoch, offset, origin);
+        self.engine.deliver(name, epoch, vec![event]);
         Ok(())
     }
 
