@@ -16,6 +16,7 @@
 //! - [`prosody`]: a real Prosody from Debian on free local ports, with an external component
 //!   and users, for the XEP-0114 tests; [`prosody::require_prosody`] installs it or says why a
 //!   test is skipped.
+//! - [`peer`]: `juxta peer`, an edge peer of the overlay in its own process, read line by line.
 //! - [`netns`]: a NAT laboratory in network namespaces (`nat/topology.sh`): a public segment
 //!   where the gateway runs, two peers each behind its own NAT router; torn down on drop;
 //!   [`netns::require_nat_lab`] says why a test is skipped when this is not root.
@@ -27,6 +28,7 @@
 mod api;
 pub mod interop;
 pub mod netns;
+pub mod peer;
 pub mod prosody;
 mod server;
 mod sse;

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use juxta_tests::interop::Slixmpp;
+use juxta_tests::peer::{Peer, peer_id};
 use juxta_tests::{Server, ServerOptions, SseClient, WsClient, unique};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt as _;
 use tokio::process::{Child, Command};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -397,6 +399,95 @@ async fn presence_based_delivery_follows_presence_on_the_subscribers_instance() 
         .filter_map(|e| e["id"].as_str())
         .collect();
     ensure!(got == ["while-available"], "carol got {got:?}: {report}");
+    Ok(())
+}
+
+/// Overlay bridging with three instances on one Redis: each carries the node's pipe, so a
+/// REST item published on c reaches an edge peer joined through b once (the three feeders'
+/// copies share one message id), and a member peer's publication through a, which gossip
+/// takes to every gateway, is stored once (the shared idempotency key) and reaches a
+/// WebSocket subscriber on c and the follower once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_one_redis_bridge_one_pipe_once() -> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let redis = Redis::start(&[]).await?;
+    let a =
+        Server::start(options(&redis.url(), false, None).env("JUXTA_P2P__ENABLED", "true")).await?;
+    let a_addr = a.p2p_addr().context("a's p2p address")?.to_owned();
+    let mut g = vec![a];
+    for _ in 0..2 {
+        let s = Server::start(
+            options(&redis.url(), false, None)
+                .env("JUXTA_P2P__ENABLED", "true")
+                .env("JUXTA_P2P__BOOTSTRAP", format!("[\"{a_addr}\"]")),
+        )
+        .await?;
+        g.push(s);
+    }
+    for s in &g {
+        wait_ready(s, true).await?;
+    }
+    let (a, b, c) = (&g[0], &g[1], &g[2]);
+    let node = unique("bridged");
+    a.api()
+        .create_node(&node, Some(&json!({"publish_model": "open"})))
+        .await?;
+    let first = publish_n(c, &node, 1, "c").await?;
+
+    let dir = tempfile::tempdir()?;
+    let mut follower = Peer::start(b, &["--subscribe", &node], &dir.path().join("follower"))?;
+    drop(follower.stdin()?);
+    // History by catch-up from a gateway, then live items from whichever pipe copy is first.
+    let e = follower.next().await?;
+    ensure!(
+        e["type"] == "event" && e["offset"] == 1 && e["item"]["id"] == first[0].as_str(),
+        "{e}"
+    );
+    let mut ws = WsClient::connect(&c.ws_url(), ADMIN).await?;
+    ws.subscribed(&node, None, None).await?;
+    let live = publish_n(c, &node, 3, "live").await?;
+    for (i, id) in live.iter().enumerate() {
+        let e = follower.next().await?;
+        ensure!(
+            e["offset"] == 2 + i as u64 && e["item"]["id"] == id.as_str(),
+            "follower: expected offset {} id {id}, got {e}",
+            2 + i
+        );
+    }
+    ws_expect(&mut ws, 2, &live).await?;
+
+    let publisher_dir = dir.path().join("publisher");
+    let publisher_id = peer_id(a, &publisher_dir)?;
+    let mut publisher = Peer::start(a, &["--publish", &node], &publisher_dir)?;
+    let mut stdin = publisher.stdin()?;
+    stdin.write_all(b"{\"from\":\"peer\"}\n").await?;
+    drop(stdin);
+    let status = publisher.exit(WAIT).await?;
+    ensure!(status.success(), "juxta peer --publish: {status}");
+    let e = ws.next_event().await?;
+    ensure!(
+        e["offset"] == 5
+            && e["item"]["payload"]["from"] == "peer"
+            && e["item"]["publisher"] == publisher_id.as_str(),
+        "WebSocket on c: {e}"
+    );
+    let e = follower.next().await?;
+    ensure!(
+        e["offset"] == 5 && e["item"]["publisher"] == publisher_id.as_str(),
+        "follower: {e}"
+    );
+    // Once: the other gateways' copies of the peer's publication were not stored again, and
+    // no copy of any event reaches the follower twice.
+    follower.silent_for(Duration::from_secs(3)).await?;
+    let quiet = tokio::time::timeout(Duration::from_secs(1), ws.next_event()).await;
+    ensure!(quiet.is_err(), "c delivered more: {quiet:?}");
+    for s in [a, b, c] {
+        let items = s.api().all_items(&node).await?;
+        ensure!(items.len() == 5, "{} items: {items:?}", items.len());
+    }
+    follower.kill().await;
     Ok(())
 }
 

@@ -2,67 +2,17 @@
 //! process) joins a gateway's pipe, catches up on history, receives live REST items, and
 //! publishes items that reach a WebSocket subscriber and other peers, in order, once.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use juxta_tests::interop::Slixmpp;
+use juxta_tests::peer::{Peer, peer_id};
 use juxta_tests::{Server, ServerOptions, WsClient, unique};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::AsyncWriteExt as _;
+use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A `juxta peer` process and its output lines.
-struct Peer {
-    child: Child,
-    lines: tokio::io::Lines<BufReader<ChildStdout>>,
-}
-
-impl Peer {
-    fn start(server: &Server, args: &[&str], identity: &std::path::Path) -> Result<Self> {
-        let bootstrap = server
-            .p2p_addr()
-            .context("the gateway printed no p2p address")?;
-        let mut child = Command::new(server.binary())
-            .arg("peer")
-            .arg("--bootstrap")
-            .arg(bootstrap)
-            .arg("--identity-dir")
-            .arg(identity)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting juxta peer")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        Ok(Self {
-            child,
-            lines: BufReader::new(stdout).lines(),
-        })
-    }
-
-    /// The next JSON line.
-    async fn next(&mut self) -> Result<Value> {
-        let line = tokio::time::timeout(WAIT, self.lines.next_line())
-            .await
-            .context("juxta peer printed nothing in time")??
-            .context("juxta peer ended")?;
-        serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))
-    }
-}
-
-fn peer_id(server: &Server, identity: &std::path::Path) -> Result<String> {
-    let out = std::process::Command::new(server.binary())
-        .args(["peer", "--print-peer-id", "--identity-dir"])
-        .arg(identity)
-        .output()?;
-    ensure!(out.status.success(), "{out:?}");
-    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_peer_catches_up_follows_live_items_and_publishes_to_websocket_subscribers()
@@ -101,7 +51,7 @@ async fn an_edge_peer_catches_up_follows_live_items_and_publishes_to_websocket_s
     let publisher_dir = dir.path().join("publisher");
     let publisher_id = peer_id(&server, &publisher_dir)?;
     let mut publisher = Peer::start(&server, &["--publish", &node], &publisher_dir)?;
-    let mut stdin = publisher.child.stdin.take().context("stdin")?;
+    let mut stdin = publisher.stdin()?;
     stdin.write_all(b"{\"from\":\"peer\"}\nnot json\n").await?;
     drop(stdin);
     let refused = publisher.next().await?;
@@ -109,9 +59,7 @@ async fn an_edge_peer_catches_up_follows_live_items_and_publishes_to_websocket_s
         refused["type"] == "error" && refused["code"] == "invalid_json",
         "{refused}"
     );
-    let status = tokio::time::timeout(WAIT, publisher.child.wait())
-        .await
-        .context("juxta peer --publish did not exit after its input ended")??;
+    let status = publisher.exit(WAIT).await?;
     ensure!(status.success(), "juxta peer --publish: {status}");
 
     let event = ws.next_event().await?;
@@ -127,8 +75,7 @@ async fn an_edge_peer_catches_up_follows_live_items_and_publishes_to_websocket_s
         "{third}"
     );
     // Once each: nothing more arrives for the follower.
-    let more = tokio::time::timeout(Duration::from_secs(2), follower.lines.next_line()).await;
-    ensure!(more.is_err(), "unexpected output: {more:?}");
+    follower.silent_for(Duration::from_secs(2)).await?;
 
     // The gateway reports itself and the connected follower.
     let overlay = api
@@ -164,7 +111,7 @@ async fn discover_lists_the_groups_nodes_and_the_peers_serving_them() -> Result<
     let follower_dir = dir.path().join("follower");
     let follower_id = peer_id(&server, &follower_dir)?;
     let mut follower = Peer::start(&server, &["--subscribe", &a], &follower_dir)?;
-    drop(follower.child.stdin.take());
+    drop(follower.stdin()?);
 
     // The gateway advertises new nodes within a scan, the follower once it is connected:
     // ask until both show up.
@@ -225,7 +172,7 @@ async fn discover_lists_the_groups_nodes_and_the_peers_serving_them() -> Result<
         .find(|p| p["peer"] == follower_id.as_str())
         .context("follower listed")?;
     ensure!(f["role"] == "edge" && f["nodes"] == json!([a]), "{f}");
-    let _ = follower.child.kill().await;
+    follower.kill().await;
     Ok(())
 }
 
@@ -304,12 +251,10 @@ async fn two_gateways_in_one_overlay_each_store_a_peers_publication_once_without
     let publisher_dir = dir.path().join("publisher");
     let publisher_id = peer_id(&a, &publisher_dir)?;
     let mut publisher = Peer::start(&a, &["--publish", &node], &publisher_dir)?;
-    let mut stdin = publisher.child.stdin.take().context("stdin")?;
+    let mut stdin = publisher.stdin()?;
     stdin.write_all(b"{\"from\":\"peer\"}\n").await?;
     drop(stdin);
-    let status = tokio::time::timeout(WAIT, publisher.child.wait())
-        .await
-        .context("juxta peer --publish did not exit")??;
+    let status = publisher.exit(WAIT).await?;
     ensure!(status.success(), "juxta peer --publish: {status}");
 
     for (name, ws) in [("a", &mut ws_a), ("b", &mut ws_b)] {

@@ -307,7 +307,10 @@ async fn given_juxta_attached_to_prosody_then_a_prosody_user_subscribes_to_and_p
         juxta_tests::ServerOptions::new()
             .env("JUXTA_XMPP__COMPONENT__SERVER", server_addr.to_string())
             .env("JUXTA_XMPP__COMPONENT__JID", COMPONENT)
-            .env("JUXTA_XMPP__COMPONENT__SECRET", SECRET),
+            .env("JUXTA_XMPP__COMPONENT__SECRET", SECRET)
+            // The overlay off: its pipe would count as the node's first subscriber, and the
+            // count below is how this test learns that the Prosody user has subscribed.
+            .env("JUXTA_P2P__ENABLED", "false"),
     )
     .await?;
     let api = server.api();
@@ -370,17 +373,21 @@ async fn given_juxta_attached_to_prosody_then_a_prosody_user_subscribes_to_and_p
     api.publish(&node, &json!({"id": "r1", "payload": {"hello": "prosody"}}))
         .await?
         .expect(201)?;
-    // And a WebSocket subscriber waits for the node the user will create.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while api.get_node(&own).await?.status != 200 {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the Prosody user never created {own}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The user receives that item, then creates a node and publishes into it. Its report
+    // (every step, with errors) and both servers' logs are in any failure below.
+    let (ok, report) = client.finish(Duration::from_secs(120)).await?;
+    ensure!(
+        ok,
+        "slixmpp via Prosody failed: {report}\njuxta: {}\nProsody: {}",
+        server.output_tail(),
+        prosody.log()
+    );
+    ensure!(
+        api.get_node(&own).await?.status == 200,
+        "the Prosody user's node {own} exists in juxta: {report}"
+    );
+    // A WebSocket subscriber from offset 0 gets what the user published.
     let mut ws = juxta_tests::WsClient::connect(&server.ws_url(), server.admin_key()).await?;
-    // From offset 0: whatever the user published before this subscription counts too.
     ws.subscribed(&own, Some(0), None).await?;
     let event = ws.next_event().await?;
     ensure!(
@@ -390,13 +397,6 @@ async fn given_juxta_attached_to_prosody_then_a_prosody_user_subscribes_to_and_p
                 .as_str()
                 .is_some_and(|x| x.contains("from prosody")),
         "{event}"
-    );
-
-    let (ok, report) = client.finish(Duration::from_secs(120)).await?;
-    ensure!(
-        ok,
-        "slixmpp via Prosody failed: {report}\n{}",
-        prosody.log()
     );
     let steps = report["steps"].as_array().context("steps")?;
     ensure!(
