@@ -159,14 +159,25 @@ async fn start_pubsub(
         return pubsub.start().await.context("loading XMPP subscriptions");
     }
     let store = gw.shared.bus.store().clone();
-    for _ in 0..50 {
-        if store.ready().is_ok() {
+    // A reachable Redis answers within milliseconds; an unreachable one must not hold up
+    // the listeners, so the refresh below loads the subscriptions once it answers.
+    let mut ready = store.ready();
+    for _ in 0..10 {
+        if ready.is_ok() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = store.ready();
     }
-    if let Err(e) = pubsub.start().await {
-        tracing::warn!(error = %e, "Redis is not reachable yet: serving, not ready, until it is");
+    match ready {
+        Ok(()) => {
+            if let Err(e) = pubsub.start().await {
+                tracing::warn!(error = %e, "loading XMPP subscriptions from Redis: retrying");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Redis is not reachable yet: serving, not ready, until it is");
+        }
     }
     // Other instances change subscriptions too, and a subscriber may be connected here:
     // follow what the shared store holds.

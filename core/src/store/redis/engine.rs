@@ -135,10 +135,15 @@ impl Engine {
             return Err(Error::Unavailable("store closed".into()));
         }
         if !self.cmd_up.load(Ordering::Acquire) {
-            return Err(Error::EngineUnavailable(format!(
-                "Redis is unreachable: {}",
-                self.last_error.lock()
-            )));
+            let why = self.last_error.lock();
+            let refused = ["WRONGPASS", "NOAUTH", "NOPERM", "uthentication"]
+                .iter()
+                .any(|w| why.contains(w));
+            return Err(Error::EngineUnavailable(if refused {
+                format!("Redis refuses our credentials (store.url): {why}")
+            } else {
+                format!("Redis is unreachable: {why}")
+            }));
         }
         if !self.subs_up.load(Ordering::Acquire) {
             return Err(Error::EngineUnavailable(format!(
