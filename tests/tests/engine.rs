@@ -97,6 +97,21 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the server process.
+    async fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("redis-server is not running")?;
+        let status = Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status()
+            .await?;
+        ensure!(status.success(), "kill -s {signal} {pid}: {status}");
+        Ok(())
+    }
+
     async fn cli(&self, args: &[&str]) -> Result<String> {
         redis_cli(self.port, args).await
     }
@@ -590,6 +605,145 @@ async fn check_history(s: &Server, node: &str, acked: &[String]) -> Result<Vec<S
         "acknowledged {acked:?}, history {stored:?}"
     );
     Ok(stored)
+}
+
+/// Publishes `n` items to `node` one after another, each with its own `Idempotency-Key`,
+/// retrying an item refused with 503 `engine_unavailable` (or left without an answer) until
+/// it is stored. Returns the ids in acknowledgement order and the refusals' details.
+fn publish_stream_retrying(
+    api: juxta_tests::Api,
+    node: String,
+    n: usize,
+    tag: &'static str,
+) -> tokio::task::JoinHandle<Result<(Vec<String>, Vec<String>)>> {
+    tokio::spawn(async move {
+        let (mut acked, mut refused) = (Vec::new(), Vec::new());
+        let path = format!(
+            "/api/v1/nodes/{}/items",
+            juxta_tests::encode_path_segment(&node)
+        );
+        for i in 0..n {
+            let id = format!("{tag}{i}");
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                ensure!(
+                    attempts <= 600,
+                    "publish {id}: still refused after {attempts} tries"
+                );
+                let rb = api
+                    .request(reqwest::Method::POST, &path)
+                    .header("Idempotency-Key", format!("key-{id}"))
+                    .json(&json!({"id": id, "payload": {"i": i}}));
+                let r = api.send(rb).await?;
+                match r.status {
+                    // 200: a retry whose first attempt was stored after all.
+                    200 | 201 => {
+                        ensure!(r.body["id"] == id.as_str(), "{}", r.body);
+                        acked.push(id);
+                        break;
+                    }
+                    503 => {
+                        let detail = r.body["detail"].as_str().unwrap_or_default().to_owned();
+                        r.expect_problem(503, "engine_unavailable")?;
+                        refused.push(detail);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    _ => bail!("publish {id}: {} {}", r.status, r.body),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok((acked, refused))
+    })
+}
+
+/// A slow Redis: its process stalls (SIGSTOP) for longer than `store.timeout_secs`. Publishes
+/// answer 503 `engine_unavailable` instead of hanging and `/readyz` fails; once Redis goes on,
+/// the instances recover by themselves. Commands that timed out may still be carried out
+/// when Redis wakes up, so a publisher retries with its Idempotency-Key, and ends with every
+/// item stored once, in its order; a subscriber on another instance gets them in order, once.
+#[tokio::test]
+async fn a_stalled_redis_refuses_publishes_then_recovers_and_retries_store_each_item_once()
+-> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let redis = Redis::start(&[]).await?;
+    let mut g = Vec::new();
+    for _ in 0..2 {
+        let s =
+            Server::start(options(&redis.url(), false, None).env("JUXTA_STORE__TIMEOUT_SECS", "1"))
+                .await?;
+        wait_ready(&s, true).await?;
+        g.push(s);
+    }
+    let (a, b) = (&g[0], &g[1]);
+    let node = unique("stall");
+    a.api().create_node(&node, None).await?;
+    let mut ws = WsClient::connect(&a.ws_url(), ADMIN).await?;
+    ws.subscribed(&node, None, None).await?;
+
+    let n = 120;
+    let stream = publish_stream_retrying(b.api(), node.clone(), n, "s");
+    for offset in 1..=20u64 {
+        let e = ws.next_event().await?;
+        ensure!(e["offset"] == offset, "{e}");
+    }
+    redis.signal("STOP").await?;
+    let stalled = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ensure!(!ready(b).await?, "b ready while Redis is stalled");
+        ensure!(!ready(a).await?, "a ready while Redis is stalled");
+        b.api()
+            .publish(&node, &json!({"id": "during", "payload": 0}))
+            .await?
+            .expect_problem(503, "engine_unavailable")?;
+        Ok(())
+    }
+    .await;
+    redis.signal("CONT").await?;
+    stalled?;
+
+    let (acked, refused) = tokio::time::timeout(WAIT, stream).await???;
+    ensure!(!refused.is_empty(), "the stream never met the stall");
+    // The publish Redis did not answer says its outcome is unknown.
+    ensure!(
+        refused.iter().any(|d| d.contains("Idempotency-Key")),
+        "{refused:?}"
+    );
+    ensure!(acked.len() == n, "{} of {n} acknowledged", acked.len());
+    for s in [a, b] {
+        wait_ready(s, true).await?;
+    }
+    // The refused "during" may have been carried out late too; every other item is there once.
+    let stored: Vec<String> = check_history(b, &node, &acked)
+        .await?
+        .into_iter()
+        .filter(|id| id != "during")
+        .collect();
+    ensure!(
+        stored == acked,
+        "acknowledged {acked:?}, history {stored:?}"
+    );
+    let history = b.api().all_items(&node).await?;
+    let mut expected = Vec::new();
+    for item in &history[20..] {
+        expected.push((
+            item["offset"].as_u64().context("offset")?,
+            item["id"].as_str().context("id")?.to_owned(),
+        ));
+    }
+    for (offset, id) in expected {
+        let e = ws.next_event().await?;
+        ensure!(
+            e["offset"] == offset && e["item"]["id"] == id.as_str(),
+            "expected offset {offset} id {id}, got {e}"
+        );
+    }
+    let quiet = tokio::time::timeout(Duration::from_secs(1), ws.next_event()).await;
+    ensure!(quiet.is_err(), "a delivered more: {quiet:?}");
+    Ok(())
 }
 
 #[tokio::test]

@@ -166,7 +166,13 @@ pub(crate) fn engine_error(e: &RedisError) -> Error {
     if text.contains("READONLY") || text.contains("MISCONF") || text.contains("NOAUTH") {
         return Error::EngineUnavailable(text);
     }
-    if unreachable {
+    if e.is_timeout() || e.is_connection_dropped() {
+        // The command may be in Redis already and be carried out later.
+        Error::EngineUnavailable(format!(
+            "Redis did not answer ({text}); a write may still take effect: retry it with the \
+             same Idempotency-Key"
+        ))
+    } else if unreachable {
         Error::EngineUnavailable(text)
     } else {
         Error::Storage(format!("Redis: {text}"))
