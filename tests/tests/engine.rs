@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -140,15 +142,15 @@ async fn wait_port(port: u16) -> Result<()> {
     bail!("nothing listens on {port}")
 }
 
-/// A 3-master Redis Cluster (no replicas).
+/// A 3-master Redis Cluster, each master with `replicas` replicas.
 struct Cluster {
     nodes: Vec<Redis>,
 }
 
 impl Cluster {
-    async fn start() -> Result<Self> {
+    async fn start(replicas: usize) -> Result<Self> {
         let mut nodes = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..3 * (1 + replicas) {
             let tmp = tempfile::tempdir()?;
             let conf = tmp.path().join("nodes.conf");
             let mut r = Redis {
@@ -173,7 +175,7 @@ impl Cluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .await?;
         ensure!(
@@ -204,6 +206,49 @@ impl Cluster {
             .map(Redis::url)
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The ports of the master serving `slot` and of one of its replicas, from `CLUSTER NODES`
+    /// (`<id> <ip:port@cport> <flags> <master id|-> … <slot ranges>`).
+    /// Asks until the view has both (gossip spreads it after `cluster create`).
+    async fn master_and_replica(&self, slot: u16) -> Result<(u16, u16)> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.try_master_and_replica(slot).await {
+                Ok(found) => return Ok(found),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    async fn try_master_and_replica(&self, slot: u16) -> Result<(u16, u16)> {
+        let text = self.nodes[0].cli(&["cluster", "nodes"]).await?;
+        let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+        let port = |f: &[&str]| -> Result<u16> {
+            let addr = f.get(1).context("address")?;
+            let hostport = addr.split('@').next().unwrap_or_default();
+            Ok(hostport.rsplit(':').next().unwrap_or_default().parse()?)
+        };
+        let serves = |f: &[&str]| {
+            f.iter().skip(8).any(|r| {
+                let mut ends = r.splitn(2, '-').map(|x| x.parse::<u16>().ok());
+                match (ends.next().flatten(), ends.next().flatten()) {
+                    (Some(a), Some(b)) => (a..=b).contains(&slot),
+                    (Some(a), None) => a == slot,
+                    _ => false,
+                }
+            })
+        };
+        let master = lines
+            .iter()
+            .find(|f| f.get(2).is_some_and(|x| x.contains("master")) && serves(f))
+            .with_context(|| format!("no master serves slot {slot}: {text}"))?;
+        let replica = lines
+            .iter()
+            .find(|f| f.get(3) == master.first())
+            .with_context(|| format!("the master of slot {slot} has no replica: {text}"))?;
+        Ok((port(master)?, port(replica)?))
     }
 }
 
@@ -607,14 +652,16 @@ async fn check_history(s: &Server, node: &str, acked: &[String]) -> Result<Vec<S
     Ok(stored)
 }
 
-/// Publishes `n` items to `node` one after another, each with its own `Idempotency-Key`,
-/// retrying an item refused with 503 `engine_unavailable` (or left without an answer) until
-/// it is stored. Returns the ids in acknowledgement order and the refusals' details.
+/// Publishes items to `node` one after another, each with its own `Idempotency-Key`,
+/// retrying an item refused with 503 `engine_unavailable` until it is stored, until at least
+/// `n` are stored and `done` is set. Returns the ids in acknowledgement order and the
+/// refusals' details.
 fn publish_stream_retrying(
     api: juxta_tests::Api,
     node: String,
     n: usize,
     tag: &'static str,
+    done: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<Result<(Vec<String>, Vec<String>)>> {
     tokio::spawn(async move {
         let (mut acked, mut refused) = (Vec::new(), Vec::new());
@@ -622,8 +669,10 @@ fn publish_stream_retrying(
             "/api/v1/nodes/{}/items",
             juxta_tests::encode_path_segment(&node)
         );
-        for i in 0..n {
+        let mut i = 0;
+        while i < n || !done.load(Ordering::Acquire) {
             let id = format!("{tag}{i}");
+            i += 1;
             let mut attempts = 0;
             loop {
                 attempts += 1;
@@ -634,7 +683,7 @@ fn publish_stream_retrying(
                 let rb = api
                     .request(reqwest::Method::POST, &path)
                     .header("Idempotency-Key", format!("key-{id}"))
-                    .json(&json!({"id": id, "payload": {"i": i}}));
+                    .json(&json!({"id": id, "payload": {"i": i - 1}}));
                 let r = api.send(rb).await?;
                 match r.status {
                     // 200: a retry whose first attempt was stored after all.
@@ -685,7 +734,13 @@ async fn a_stalled_redis_refuses_publishes_then_recovers_and_retries_store_each_
     ws.subscribed(&node, None, None).await?;
 
     let n = 120;
-    let stream = publish_stream_retrying(b.api(), node.clone(), n, "s");
+    let stream = publish_stream_retrying(
+        b.api(),
+        node.clone(),
+        n,
+        "s",
+        Arc::new(AtomicBool::new(true)),
+    );
     for offset in 1..=20u64 {
         let e = ws.next_event().await?;
         ensure!(e["offset"] == offset, "{e}");
@@ -791,7 +846,7 @@ async fn a_three_master_redis_cluster_serves_several_instances() -> Result<()> {
     if !have_redis() {
         return Ok(());
     }
-    let cluster = Cluster::start().await?;
+    let cluster = Cluster::start(0).await?;
     let g = instances(&cluster.urls(), true, 3).await?;
     // Several nodes, so that they live on different masters.
     for k in 0..4 {
@@ -804,6 +859,98 @@ async fn a_three_master_redis_cluster_serves_several_instances() -> Result<()> {
         ws_expect(&mut ws, 1, &ids).await?;
         sse_expect(&mut sse, 1, &ids).await?;
     }
+    Ok(())
+}
+
+/// Engine failover: in a Redis Cluster with a replica per master, the replica of the node's
+/// shard takes over (`CLUSTER FAILOVER`) in the middle of a publish stream. The instances
+/// follow the shard to its new master (commands by redirection, the sharded subscription
+/// because the old master ends it); the publisher, retrying with its Idempotency-Key, gets
+/// every item stored once, and subscribers on two instances receive all of them in order,
+/// once, with nothing silently skipped.
+#[tokio::test]
+async fn a_cluster_failover_during_a_publish_stream_loses_nothing_and_skips_nothing() -> Result<()>
+{
+    if !have_redis() {
+        return Ok(());
+    }
+    let cluster = Cluster::start(1).await?;
+    let g = instances(&cluster.urls(), true, 2).await?;
+    let (a, b) = (&g[0], &g[1]);
+    let node = unique("failover");
+    a.api().create_node(&node, None).await?;
+    let slot: u16 = cluster.nodes[0]
+        .cli(&["cluster", "keyslot", &format!("juxta:{{{node}}}:meta")])
+        .await?
+        .parse()?;
+    let (master, replica) = cluster.master_and_replica(slot).await?;
+    let mut ws = WsClient::connect(&a.ws_url(), ADMIN).await?;
+    ws.subscribed(&node, None, None).await?;
+    let mut sse = sse_open(b, &node).await?;
+
+    // The stream goes on until the failover is over and 30 more items went through.
+    let done = Arc::new(AtomicBool::new(false));
+    let stream = publish_stream_retrying(b.api(), node.clone(), 0, "f", done.clone());
+    for offset in 1..=20u64 {
+        let e = ws.next_event().await?;
+        ensure!(e["offset"] == offset, "{e}");
+    }
+    // The replica is in sync before it is asked to take over.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !redis_cli(replica, &["info", "replication"])
+        .await?
+        .contains("master_link_status:up")
+    {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{replica} never synced with {master}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = redis_cli(replica, &["cluster", "failover"]).await?;
+    ensure!(out == "OK", "CLUSTER FAILOVER on {replica}: {out}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !(redis_cli(replica, &["role"]).await?.starts_with("master")
+        && redis_cli(master, &["role"]).await?.starts_with("slave"))
+    {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{replica} never took over from {master}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut received = Vec::new();
+    let after = b.api().get_node(&node).await?.body["last_offset"]
+        .as_u64()
+        .context("last_offset")?;
+    while received.len() < (after + 30 - 20) as usize {
+        received.push(ws.next_event().await?);
+    }
+    done.store(true, Ordering::Release);
+
+    let (acked, _refused) = tokio::time::timeout(WAIT, stream).await???;
+    let stored = check_history(b, &node, &acked).await?;
+    ensure!(
+        stored == acked,
+        "acknowledged {acked:?}, history {stored:?}"
+    );
+    for (i, e) in received.iter().enumerate() {
+        ensure!(
+            e["offset"] == 21 + i as u64 && e["item"]["id"] == stored[20 + i].as_str(),
+            "expected offset {} id {}, got {e}",
+            21 + i,
+            stored[20 + i]
+        );
+    }
+    ws_expect(
+        &mut ws,
+        21 + received.len() as u64,
+        &stored[20 + received.len()..],
+    )
+    .await?;
+    sse_expect(&mut sse, 1, &stored).await?;
+    let quiet = tokio::time::timeout(Duration::from_secs(1), ws.next_event()).await;
+    ensure!(quiet.is_err(), "a delivered more: {quiet:?}");
     Ok(())
 }
 
