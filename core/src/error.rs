@@ -69,6 +69,20 @@ pub enum Error {
         "subscriber fell too far behind and was disconnected; resubscribe with the last offset"
     )]
     SlowConsumer,
+    /// The node's history changed epoch under a live subscription: the engine lost events it
+    /// had acknowledged (a failover, or a restore from an older snapshot) and the node got a
+    /// new epoch rather than giving those offsets to other items. The subscription ends;
+    /// resuming with the last position says what can be recovered.
+    #[error(
+        "the node's history changed epoch ({old} to {new}): the engine lost events it had \
+         acknowledged; resubscribe with your last position to see what was recovered"
+    )]
+    EpochChanged {
+        /// The epoch the subscription followed.
+        old: String,
+        /// The node's epoch now.
+        new: String,
+    },
     /// The store cannot take writes now (engine down, shutting down, over capacity).
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -100,6 +114,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
             Error::SlowConsumer => "slow_consumer",
+            Error::EpochChanged { .. } => "epoch_changed",
             Error::Unavailable(_) => "unavailable",
             Error::EngineUnavailable(_) => "engine_unavailable",
             Error::Storage(_) => "storage_error",

@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::model::{Change, Epoch, Event, NodeName, Offset, Origin, OverflowPolicy};
+use crate::model::{Change, Epoch, Event, NodeName, Offset, Origin, OverflowPolicy, Record};
 use crate::store::{CommitSink, Store};
 
 /// Default ring size per node: how far one subscriber may fall behind live events before
@@ -190,6 +190,9 @@ pub struct Subscription {
     backlog: VecDeque<Delivery>,
     lagged: bool,
     skip_gap: bool,
+    /// A live event of another epoch arrived: the node's history may have changed epoch
+    /// (see [`Error::EpochChanged`]); `next` asks the store.
+    foreign: bool,
     done: bool,
     policy: OverflowPolicy,
     store: Arc<dyn Store>,
@@ -222,6 +225,7 @@ impl Subscription {
             backlog: VecDeque::new(),
             lagged: false,
             skip_gap: false,
+            foreign: false,
             done: false,
             policy: OverflowPolicy::default(),
             store: store.clone(),
@@ -302,6 +306,7 @@ impl Subscription {
         if self.done
             || self.lagged
             || self.refill
+            || self.foreign
             || self.parked.is_some()
             || self.next <= self.target
         {
@@ -310,6 +315,10 @@ impl Subscription {
         let rx = self.rx.as_mut()?;
         loop {
             match rx.try_recv() {
+                Ok(ev) if ev.epoch != self.epoch => {
+                    self.foreign = true;
+                    return None;
+                }
                 Ok(ev) if ev.offset < self.next => continue,
                 Ok(ev) if ev.offset == self.next => return Some(self.accept(ev)),
                 Ok(ev) => {
@@ -327,7 +336,8 @@ impl Subscription {
 
     /// The next delivery, waiting for one. `None` when the subscription has ended (the node
     /// was deleted, after its `deleted` event, or the gateway is shutting down);
-    /// `Some(Err(_))` when it failed ([`Error::SlowConsumer`] under the `disconnect`
+    /// `Some(Err(_))` when it failed ([`Error::EpochChanged`] when the node's history changed
+    /// epoch under it, [`Error::SlowConsumer`] under the `disconnect`
     /// policy, or a store error) — it is over then too.
     pub async fn next(&mut self) -> Option<Result<Delivery, Error>> {
         loop {
@@ -349,6 +359,33 @@ impl Subscription {
                     OverflowPolicy::CatchUp => {
                         self.fanout.metrics.overflow("catch_up");
                         self.refill = true;
+                    }
+                }
+            }
+            if std::mem::take(&mut self.foreign) {
+                match self.store.node(&self.node).await {
+                    // A late event of an earlier epoch: nothing changed for this one.
+                    Ok(Some(meta)) if meta.epoch == self.epoch => {}
+                    Ok(Some(meta)) => {
+                        self.done = true;
+                        return Some(Err(Error::EpochChanged {
+                            old: self.epoch.to_string(),
+                            new: meta.epoch.to_string(),
+                        }));
+                    }
+                    Ok(None) => {
+                        let deleted = Record {
+                            offset: self.next,
+                            change: Change::Deleted,
+                            at: crate::time::now_ms(),
+                        };
+                        let ev =
+                            Event::new(self.node.clone(), self.epoch, deleted, Origin::History);
+                        return Some(Ok(self.accept(Arc::new(ev))));
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
                     }
                 }
             }
@@ -383,6 +420,7 @@ impl Subscription {
             }
             let rx = self.rx.as_mut()?;
             match rx.recv().await {
+                Ok(ev) if ev.epoch != self.epoch => self.foreign = true,
                 Ok(ev) if ev.offset < self.next => {}
                 Ok(ev) if ev.offset == self.next => return Some(Ok(self.accept(ev))),
                 Ok(ev) => self.parked = Some(ev),
@@ -697,6 +735,34 @@ mod tests {
             matches!(&d[0], Delivery::Event(e) if e.kind() == crate::model::EventKind::Deleted)
         );
         assert!(sub.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn given_a_late_live_event_of_another_epoch_while_the_node_keeps_its_epoch_then_it_is_ignored()
+     {
+        let fanout = Arc::new(FanOut::new(64, Arc::new(Metrics::default())));
+        let store = Arc::new(MemoryStore::new(fanout.clone()));
+        let bus = Bus::new(store, fanout.clone(), Limits::default());
+        let n = node(&bus, "n", 100, OverflowPolicy::CatchUp).await;
+        let mut sub = bus
+            .subscribe(&Principal::Admin, &n, Resume::default())
+            .await
+            .expect("subscribe");
+        let other = Epoch(sub.epoch().0.wrapping_add(1));
+        let stale = Record {
+            offset: 7,
+            change: Change::Purged,
+            at: 0,
+        };
+        fanout.committed(Arc::new(Event::new(
+            n.clone(),
+            other,
+            stale,
+            Origin::History,
+        )));
+        // The subscription asks the store, finds its own epoch, and goes on.
+        publish(&bus, &n, 2).await;
+        assert_eq!(offsets(&take(&mut sub, 2).await), vec![1, 2]);
     }
 
     #[tokio::test]

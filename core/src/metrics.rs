@@ -113,6 +113,8 @@ pub const ENGINE_UP: &str = "juxta_engine_up";
 pub const ENGINE_RECONNECTS: &str = "juxta_engine_reconnects";
 /// Events recovered from a node's Stream because their notification was missed.
 pub const ENGINE_GAP_FILLS: &str = "juxta_engine_gap_fills";
+/// Counter: nodes given a new epoch because Redis lost events it had acknowledged.
+pub const ENGINE_EPOCH_CHANGES: &str = "juxta_engine_epoch_changes";
 
 /// The shared engine's metric handles (registered only when the Redis engine is used).
 #[derive(Debug, Default)]
@@ -123,6 +125,8 @@ pub struct EngineMetrics {
     pub reconnects: Counter,
     /// See [`ENGINE_GAP_FILLS`].
     pub gap_fills: Counter,
+    /// See [`ENGINE_EPOCH_CHANGES`].
+    pub epoch_changes: Counter,
 }
 
 impl EngineMetrics {
@@ -143,6 +147,11 @@ impl EngineMetrics {
             ENGINE_GAP_FILLS,
             "Events recovered from a node's Redis Stream after a missed notification",
             m.gap_fills.clone(),
+        );
+        registry.register(
+            ENGINE_EPOCH_CHANGES,
+            "Nodes given a new epoch because Redis had lost events it acknowledged",
+            m.epoch_changes.clone(),
         );
         m
     }

@@ -862,6 +862,60 @@ async fn a_three_master_redis_cluster_serves_several_instances() -> Result<()> {
     Ok(())
 }
 
+/// Redis comes back with less than it acknowledged (restarted from an older snapshot here; an
+/// unplanned failover to a replica that lagged does the same): the offsets it lost will be
+/// assigned again, to other items. Nothing may be skipped silently: the instance that sees
+/// its subscribers ahead of the Stream gives the node a new epoch; live subscribers get an
+/// `epoch_changed` error instead of silently dropping "old" offsets, and a subscriber that
+/// resumes with its last position is told it was not recovered and gets the new history,
+/// including the items published after the loss.
+#[tokio::test]
+async fn redis_losing_acknowledged_events_changes_the_epoch_instead_of_reusing_offsets()
+-> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let mut redis = Redis::start(&["--appendonly", "no"]).await?;
+    let g = instances(&redis.url(), false, 2).await?;
+    let (a, b) = (&g[0], &g[1]);
+    let node = unique("rollback");
+    a.api().create_node(&node, None).await?;
+    let mut ws = WsClient::connect(&a.ws_url(), ADMIN).await?;
+    let sub = ws.subscribed(&node, None, None).await?;
+    let epoch = sub["epoch"].as_str().context("epoch")?.to_owned();
+    let kept = publish_n(b, &node, 10, "kept").await?;
+    ensure!(redis.cli(&["save"]).await? == "OK", "SAVE");
+    let lost = publish_n(b, &node, 10, "lost").await?;
+    ws_expect(&mut ws, 1, &kept).await?;
+    ws_expect(&mut ws, 11, &lost).await?;
+
+    // Redis dies and starts again from the snapshot: offsets 11..=20 are gone.
+    redis.kill9().await?;
+    redis.spawn().await?;
+    for s in [a, b] {
+        wait_ready(s, true).await?;
+    }
+    let after = publish_n(b, &node, 5, "after").await?;
+    let e = ws.recv().await?;
+    ensure!(
+        e["type"] == "error" && e["code"] == "epoch_changed" && e["node"] == node.as_str(),
+        "the live subscriber is told: {e}"
+    );
+    let meta = b.api().get_node(&node).await?.expect(200)?;
+    let new_epoch = meta["epoch"].as_str().context("epoch")?.to_owned();
+    ensure!(new_epoch != epoch, "the epoch is still {epoch}");
+    // Resuming where it was: not recovered, and the new history from its start.
+    let mut again = WsClient::connect(&b.ws_url(), ADMIN).await?;
+    let sub = again.subscribed(&node, Some(20), Some(&epoch)).await?;
+    ensure!(
+        sub["recovered"] == false && sub["epoch"] == new_epoch.as_str(),
+        "{sub}"
+    );
+    let history: Vec<String> = kept.iter().chain(&after).cloned().collect();
+    ws_expect(&mut again, 1, &history).await?;
+    Ok(())
+}
+
 /// Engine failover: in a Redis Cluster with a replica per master, the replica of the node's
 /// shard takes over (`CLUSTER FAILOVER`) in the middle of a publish stream. The instances
 /// follow the shard to its new master (commands by redirection, the sharded subscription

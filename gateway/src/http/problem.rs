@@ -74,7 +74,9 @@ impl From<juxta_core::Error> for ApiError {
                 StatusCode::NOT_FOUND
             }
             E::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            E::EpochMismatch { .. } | E::SlowConsumer => StatusCode::CONFLICT,
+            E::EpochMismatch { .. } | E::SlowConsumer | E::EpochChanged { .. } => {
+                StatusCode::CONFLICT
+            }
             E::Forbidden(_) => StatusCode::FORBIDDEN,
             E::Unavailable(_) | E::EngineUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             E::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,

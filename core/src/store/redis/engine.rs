@@ -58,6 +58,9 @@ struct Seq {
     pending: BTreeMap<Offset, Arc<Event>>,
     filling: bool,
     initializing: bool,
+    /// The epoch this node left because Redis lost part of it: late notifications of it are
+    /// ignored (their records are read again under the new epoch).
+    retired: Option<Epoch>,
     waiters: Vec<(Instant, oneshot::Sender<Result<(), Error>>)>,
 }
 
@@ -184,15 +187,19 @@ impl Engine {
             }
             return;
         }
+        if seq.retired == Some(epoch) {
+            return;
+        }
         match seq.epoch {
             None => {
                 seq.epoch = Some(epoch);
                 seq.last = 0;
             }
             Some(e) if e != epoch => {
-                // The node was deleted and created again meanwhile: end the old history's
-                // subscriptions, then follow the new one.
-                self.emit_deleted(node, e, seq.last + 1);
+                // A new history (the node was deleted and created again meanwhile, or given a
+                // new epoch after Redis lost events): follow it. The old history's
+                // subscriptions see its events' epoch, ask the store, and end.
+                seq.retired = Some(e);
                 seq.epoch = Some(epoch);
                 seq.last = 0;
                 seq.pending.clear();
@@ -272,91 +279,118 @@ impl Engine {
                 return;
             }
         }
-        loop {
+        'read: loop {
             let after = match self.seqs.lock().get(&node) {
                 Some(s) => s.last,
                 None => return,
             };
             let page = self.shared.read_records(&node, after, FILL_PAGE).await;
-            let mut seqs = self.seqs.lock();
-            let Some(seq) = seqs.get_mut(&node) else {
-                return;
-            };
-            match page {
-                // The engine is in trouble: the reconnect's tail check tries again.
-                Err(_) => {
-                    seq.filling = false;
+            let mut rebase = None;
+            'locked: {
+                let mut seqs = self.seqs.lock();
+                let Some(seq) = seqs.get_mut(&node) else {
                     return;
-                }
-                Ok(None) => {
-                    // The node is gone. Deliver what we hold, then its end.
-                    if let Some(&first) = seq.pending.keys().next() {
-                        seq.last = seq.last.max(first - 1);
-                        self.drain(seq);
-                    }
-                    if let Some(e) = seq.epoch.take() {
-                        self.emit_deleted(&node, e, seq.last + 1);
-                        seq.last = 0;
-                        seq.pending.clear();
-                    }
-                    seq.filling = false;
-                    return;
-                }
-                Ok(Some((state, records))) => {
-                    let epoch = state.meta.epoch;
-                    if seq.epoch != Some(epoch) {
-                        if let Some(old) = seq.epoch {
-                            self.emit_deleted(&node, old, seq.last + 1);
-                        }
-                        seq.epoch = Some(epoch);
-                        seq.last = 0;
-                        seq.pending.retain(|_, e| e.epoch == epoch);
-                        continue;
-                    }
-                    let n = records.len();
-                    // What history no longer holds (trimmed, or never kept) is skipped; the
-                    // subscriptions report it as lost when they read the store.
-                    let skip_to = match (records.first(), seq.pending.keys().next()) {
-                        (Some(r), Some(&p)) => Some(r.offset.min(p)),
-                        (Some(r), None) => Some(r.offset),
-                        (None, Some(&p)) => Some(p),
-                        (None, None) => None,
-                    };
-                    if let Some(to) = skip_to
-                        && to > seq.last + 1
-                    {
-                        seq.last = to - 1;
-                    }
-                    let mut added = 0u64;
-                    for r in records {
-                        if r.offset > seq.last && !seq.pending.contains_key(&r.offset) {
-                            added += 1;
-                            seq.pending.insert(
-                                r.offset,
-                                Arc::new(Event::new(node.clone(), epoch, r, Origin::History)),
-                            );
-                        }
-                    }
-                    self.metrics.gap_fills.inc_by(added);
-                    self.drain(seq);
-                    let more = n > 0 && seq.last < state.meta.last_offset;
-                    let gap = !seq.pending.is_empty();
-                    if !more && !gap {
+                };
+                match page {
+                    // The engine is in trouble: the reconnect's tail check tries again.
+                    Err(_) => {
                         seq.filling = false;
                         return;
                     }
-                    if !more && n == 0 {
-                        // A gap the Stream cannot fill: step over it.
+                    Ok(None) => {
+                        // The node is gone. Deliver what we hold, then its end.
                         if let Some(&first) = seq.pending.keys().next() {
-                            seq.last = first - 1;
+                            seq.last = seq.last.max(first - 1);
                             self.drain(seq);
                         }
-                        if seq.pending.is_empty() {
+                        if let Some(e) = seq.epoch.take() {
+                            self.emit_deleted(&node, e, seq.last + 1);
+                            seq.last = 0;
+                            seq.pending.clear();
+                        }
+                        seq.filling = false;
+                        return;
+                    }
+                    Ok(Some((state, records))) => {
+                        let epoch = state.meta.epoch;
+                        if seq.epoch != Some(epoch) {
+                            // A new history: follow it from its start (see `deliver`).
+                            seq.retired = seq.epoch;
+                            seq.epoch = Some(epoch);
+                            seq.last = 0;
+                            seq.pending.retain(|_, e| e.epoch == epoch);
+                            continue 'read;
+                        }
+                        if state.meta.last_offset < seq.last {
+                            // Redis has less than this instance delivered: it lost acknowledged
+                            // events (a failover to a replica that lagged, a restart from an older
+                            // snapshot), and would give their offsets to new items. A new epoch
+                            // tells every subscriber instead of letting them skip those.
+                            rebase = Some((epoch, seq.last, state.meta.last_offset));
+                            break 'locked;
+                        }
+                        let n = records.len();
+                        // What history no longer holds (trimmed, or never kept) is skipped; the
+                        // subscriptions report it as lost when they read the store.
+                        let skip_to = match (records.first(), seq.pending.keys().next()) {
+                            (Some(r), Some(&p)) => Some(r.offset.min(p)),
+                            (Some(r), None) => Some(r.offset),
+                            (None, Some(&p)) => Some(p),
+                            (None, None) => None,
+                        };
+                        if let Some(to) = skip_to
+                            && to > seq.last + 1
+                        {
+                            seq.last = to - 1;
+                        }
+                        let mut added = 0u64;
+                        for r in records {
+                            if r.offset > seq.last && !seq.pending.contains_key(&r.offset) {
+                                added += 1;
+                                seq.pending.insert(
+                                    r.offset,
+                                    Arc::new(Event::new(node.clone(), epoch, r, Origin::History)),
+                                );
+                            }
+                        }
+                        self.metrics.gap_fills.inc_by(added);
+                        self.drain(seq);
+                        let more = n > 0 && seq.last < state.meta.last_offset;
+                        let gap = !seq.pending.is_empty();
+                        if !more && !gap {
                             seq.filling = false;
                             return;
                         }
+                        if !more && n == 0 {
+                            // A gap the Stream cannot fill: step over it.
+                            if let Some(&first) = seq.pending.keys().next() {
+                                seq.last = first - 1;
+                                self.drain(seq);
+                            }
+                            if seq.pending.is_empty() {
+                                seq.filling = false;
+                                return;
+                            }
+                        }
                     }
                 }
+            }
+            if let Some((epoch, seen, stored)) = rebase {
+                tracing::warn!(
+                    node = %node,
+                    %epoch,
+                    delivered = seen,
+                    stored,
+                    "engine: Redis lost acknowledged events; the node gets a new epoch"
+                );
+                if let Err(e) = self.shared.rebase(&node, epoch).await {
+                    tracing::warn!(node = %node, error = %e, "engine: new epoch failed");
+                    if let Some(seq) = self.seqs.lock().get_mut(&node) {
+                        seq.filling = false;
+                    }
+                    return;
+                }
+                self.metrics.epoch_changes.inc();
             }
         }
     }

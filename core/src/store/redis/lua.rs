@@ -206,3 +206,17 @@ pub(super) const MEMBERS: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
 return redis.call('HGETALL', KEYS[2])
 ";
+
+/// KEYS: meta, log, items. ARGV: the epoch the caller saw, a new epoch. Gives the node the new
+/// epoch if it still has the one seen (the engine found its history shorter than what it had
+/// delivered: Redis lost acknowledged events, and their offsets would be assigned again).
+/// Returns the node's epoch afterwards, or nil when the node does not exist.
+pub(super) const REBASE: &str = r"
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if not e then return false end
+if e == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
+  return ARGV[2]
+end
+return e
+";

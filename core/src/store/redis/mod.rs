@@ -215,6 +215,7 @@ struct Scripts {
     delete_node: Script,
     set_member: Script,
     members: Script,
+    rebase: Script,
 }
 
 impl Scripts {
@@ -229,6 +230,7 @@ impl Scripts {
             delete_node: Script::new(&lua::delete_node()),
             set_member: Script::new(lua::SET_MEMBER),
             members: Script::new(lua::MEMBERS),
+            rebase: Script::new(lua::REBASE),
         }
     }
 }
@@ -312,6 +314,18 @@ impl Shared {
             )
             .await?;
         parse_state_and_entries(node, v)
+    }
+
+    /// Gives `node` a new epoch if it still has `seen` (see [`lua::REBASE`]).
+    pub(crate) async fn rebase(&self, node: &NodeName, seen: Epoch) -> Result<(), Error> {
+        let new = Epoch::random();
+        self.node_script(
+            &self.scripts.rebase,
+            node.as_str(),
+            &[seen.to_string().as_bytes(), new.to_string().as_bytes()],
+        )
+        .await
+        .map(|_| ())
     }
 }
 
