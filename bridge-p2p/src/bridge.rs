@@ -13,7 +13,7 @@
 //!   idempotency key, so a copy that reaches the gateway twice is stored once.
 //! - **Catch-up**: [`StoreCatchUp`] answers from the store's history.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,6 +33,9 @@ use crate::node::{CatchUpSource, Overlay, OverlayEvent};
 
 /// How often the gateway looks for nodes created (or deleted) since.
 pub const NODE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long the bridge trusts that a node of a group it does not carry stays out of it.
+const SKIPPED_RECHECK: Duration = Duration::from_secs(30);
 
 /// Answers catch-up requests from the store's history.
 #[derive(Clone, Debug)]
@@ -159,6 +162,7 @@ async fn scan_loop(
     shutdown: CancellationToken,
 ) {
     let mut feeders: HashMap<NodeName, (String, CancellationToken)> = HashMap::new();
+    let mut skipped = (HashSet::new(), tokio::time::Instant::now());
     let mut scan = tokio::time::interval(NODE_SCAN_INTERVAL);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut adverts = Adverts::new(advert_ttl);
@@ -166,7 +170,16 @@ async fn scan_loop(
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = scan.tick() => {
-                scan_nodes(&bus, &overlay, &groups, &mut feeders, &observer, &shutdown).await;
+                scan_nodes(
+                    &bus,
+                    &overlay,
+                    &groups,
+                    &mut feeders,
+                    &mut skipped,
+                    &observer,
+                    &shutdown,
+                )
+                .await;
                 adverts.refresh(&overlay, &groups, &feeders).await;
             }
         }
@@ -229,19 +242,40 @@ async fn scan_nodes(
     overlay: &Overlay,
     groups: &[String],
     feeders: &mut HashMap<NodeName, (String, CancellationToken)>,
+    skipped: &mut (HashSet<NodeName>, tokio::time::Instant),
     observer: &Arc<dyn BridgeObserver>,
     shutdown: &CancellationToken,
 ) {
     feeders.retain(|_, (_, token)| !token.is_cancelled());
-    let nodes = match bus.store().nodes().await {
+    // Names only (one cheap read however many nodes there are); a node's configuration is
+    // read when it is new here, and again for nodes of other groups now and then (their
+    // group may change).
+    let names = match bus.store().node_names().await {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(error = %e, "overlay: listing nodes failed");
             return;
         }
     };
-    for meta in nodes {
-        if feeders.contains_key(&meta.name) || !groups.contains(&meta.config.group) {
+    if skipped.1.elapsed() >= SKIPPED_RECHECK {
+        skipped.0.clear();
+        skipped.1 = tokio::time::Instant::now();
+    }
+    skipped.0.retain(|n| names.binary_search(n).is_ok());
+    for name in names {
+        if feeders.contains_key(&name) || skipped.0.contains(&name) {
+            continue;
+        }
+        let meta = match bus.store().node(&name).await {
+            Ok(Some(meta)) => meta,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "overlay: reading a node failed");
+                return;
+            }
+        };
+        if !groups.contains(&meta.config.group) {
+            skipped.0.insert(name);
             continue;
         }
         let group = meta.config.group.clone();

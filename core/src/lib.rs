@@ -44,6 +44,6 @@ pub use model::{
     NodeName, Offset, Origin, OverflowPolicy, Payload, PublishModel, Record, SendLastPublished,
 };
 pub use store::{
-    Append, Appended, CommitSink, EmbeddedConfig, EmbeddedStore, MemoryStore, RedisConfig,
-    RedisStore, Store,
+    Append, Appended, CommitSink, EmbeddedConfig, EmbeddedStore, MemberChanges, MemoryStore,
+    RedisConfig, RedisStore, Store,
 };

@@ -146,6 +146,8 @@ impl Gateway {
 
 /// How often an instance on a shared engine re-reads XMPP subscriptions.
 const PUBSUB_REFRESH: Duration = Duration::from_secs(2);
+/// How often it reads every node's memberships again, whatever the change log says.
+const PUBSUB_FULL_REFRESH: Duration = Duration::from_secs(60);
 
 /// Loads the XMPP subscriptions kept in the store. A shared engine may be unreachable at
 /// start: then the gateway serves anyway (not ready) and loads them once it answers.
@@ -180,19 +182,54 @@ async fn start_pubsub(
         }
     }
     // Other instances change subscriptions too, and a subscriber may be connected here:
-    // follow what the shared store holds.
+    // follow what the shared store holds, through its log of membership changes (a few
+    // commands per poll, whatever the number of nodes), and read everything again now and
+    // then, and whenever the log cannot say what changed.
     let (pubsub, shutdown) = (pubsub.clone(), shutdown.clone());
     tokio::spawn(async move {
+        let mut cursor: Option<u64> = None;
+        let mut last_full = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             tokio::time::sleep(PUBSUB_REFRESH).await;
-            if store.ready().is_ok()
-                && let Err(e) = pubsub.refresh().await
-            {
-                tracing::debug!(error = %e, "refreshing XMPP subscriptions from Redis");
+            if store.ready().is_err() {
+                continue;
+            }
+            let full = cursor.is_none() || last_full.elapsed() >= PUBSUB_FULL_REFRESH;
+            let step = if full {
+                full_refresh(&*store, &pubsub).await
+            } else {
+                match store.member_changes(cursor).await {
+                    Ok(c) if c.complete => pubsub.refresh_nodes(&c.nodes).await.map(|()| c.cursor),
+                    Ok(_) => full_refresh(&*store, &pubsub).await,
+                    Err(e) => Err(e),
+                }
+            };
+            match step {
+                Ok(c) => {
+                    cursor = Some(c);
+                    if full {
+                        last_full = tokio::time::Instant::now();
+                    }
+                }
+                Err(e) => {
+                    cursor = None;
+                    tracing::debug!(error = %e, "refreshing XMPP subscriptions from Redis");
+                }
             }
         }
     });
     Ok(())
+}
+
+/// Reads every node's memberships; returns the change log's cursor from before the read, so
+/// that what changes meanwhile is read again next time.
+async fn full_refresh(
+    store: &dyn juxta_core::Store,
+    pubsub: &juxta_bridge_xmpp::pubsub::PubSub,
+) -> Result<u64, juxta_core::Error> {
+    let cursor = store.member_changes(None).await?.cursor;
+    pubsub.refresh().await?;
+    Ok(cursor)
 }
 
 /// Runs the gateway until SIGTERM or SIGINT, then drains and closes the store.

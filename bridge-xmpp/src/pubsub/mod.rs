@@ -352,23 +352,39 @@ impl PubSub {
     /// stops feeders to match: with a store shared by several instances, the others change
     /// them too, and a subscriber may be connected to any instance.
     pub async fn refresh(&self) -> Result<(), Error> {
-        let store = self.inner.bus.store().clone();
-        for meta in store.nodes().await? {
-            let state = self.inner.state(&meta).await?;
-            let affiliations = store.affiliations(&meta.name).await?;
-            let subscriptions = store.subscriptions(&meta.name).await?;
-            let any = {
-                let mut m = state.members.write();
-                m.affiliations = affiliations.into_iter().collect();
-                m.subscriptions = subscriptions;
-                m.rebuild();
-                !m.recipients.is_empty()
-            };
-            if any {
-                self.inner.ensure_feeder(&state).await;
-            } else {
-                self.inner.stop_feeder_if_idle(&state);
+        for meta in self.inner.bus.store().nodes().await? {
+            self.refresh_node(&meta).await?;
+        }
+        Ok(())
+    }
+
+    /// [`PubSub::refresh`] for the nodes named (those a shared store's change log lists).
+    pub async fn refresh_nodes(&self, nodes: &[NodeName]) -> Result<(), Error> {
+        for name in nodes {
+            // A deleted node's feeder ends with its `deleted` event.
+            if let Some(meta) = self.inner.bus.store().node(name).await? {
+                self.refresh_node(&meta).await?;
             }
+        }
+        Ok(())
+    }
+
+    async fn refresh_node(&self, meta: &NodeMeta) -> Result<(), Error> {
+        let store = self.inner.bus.store();
+        let state = self.inner.state(meta).await?;
+        let affiliations = store.affiliations(&meta.name).await?;
+        let subscriptions = store.subscriptions(&meta.name).await?;
+        let any = {
+            let mut m = state.members.write();
+            m.affiliations = affiliations.into_iter().collect();
+            m.subscriptions = subscriptions;
+            m.rebuild();
+            !m.recipients.is_empty()
+        };
+        if any {
+            self.inner.ensure_feeder(&state).await;
+        } else {
+            self.inner.stop_feeder_if_idle(&state);
         }
         Ok(())
     }

@@ -110,6 +110,19 @@ pub struct ItemsPage {
     pub items: Vec<(Offset, Item)>,
 }
 
+/// What [`Store::member_changes`] found.
+#[derive(Clone, Debug, Default)]
+pub struct MemberChanges {
+    /// Where the next call goes on from.
+    pub cursor: u64,
+    /// Nodes whose affiliations or subscriptions changed after the cursor given (repeats
+    /// possible).
+    pub nodes: Vec<NodeName>,
+    /// `false` when the changes since the cursor given are no longer all known (the log was
+    /// trimmed past it, or lost): read every node's memberships again.
+    pub complete: bool,
+}
+
 /// Where nodes and their histories live.
 #[async_trait]
 pub trait Store: Send + Sync + Debug + 'static {
@@ -178,6 +191,19 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// The subscriptions of `node`, sorted by JID, then subid; [`Error::NodeNotFound`] if
     /// there is no such node.
     async fn subscriptions(&self, node: &NodeName) -> Result<Vec<NodeSubscription>, Error>;
+
+    /// Every node's name, sorted; cheaper than [`Store::nodes`] where names are kept apart.
+    async fn node_names(&self) -> Result<Vec<NodeName>, Error> {
+        Ok(self.nodes().await?.into_iter().map(|m| m.name).collect())
+    }
+
+    /// For instances sharing this store: which nodes' affiliations or subscriptions changed
+    /// after `cursor` (`None`: only the cursor of now). A store only one instance uses keeps
+    /// no such log and answers "incomplete", i.e. read them all.
+    async fn member_changes(&self, cursor: Option<u64>) -> Result<MemberChanges, Error> {
+        let _ = cursor;
+        Ok(MemberChanges::default())
+    }
 
     /// Whether the store can take writes now (readiness).
     fn ready(&self) -> Result<(), Error>;

@@ -30,8 +30,11 @@ use crate::time;
 const TICK: Duration = Duration::from_millis(200);
 /// How often the command connection is checked.
 const PING_EVERY: Duration = Duration::from_secs(1);
-/// How often every watched node's tail is compared with its Stream.
-const TAIL_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How often each watched node's tail is compared with its Stream, a safety net: lost
+/// notifications come with a lost connection, and a reconnect checks every node at once. The
+/// checks are spread over the period, a few nodes per tick, so their cost stays flat however
+/// many nodes are watched.
+const TAIL_CHECK_EVERY: Duration = Duration::from_secs(60);
 /// How long a node stays subscribed after its last local subscriber left.
 const LINGER: Duration = Duration::from_secs(30);
 /// How long a new local subscriber waits for the engine to confirm.
@@ -124,6 +127,8 @@ impl Engine {
             pinging: false,
             last_ping: Instant::now() - PING_EVERY,
             last_tail_check: Instant::now(),
+            tail_queue: Vec::new(),
+            tail_batch: 1,
             backoff: Backoff::default(),
             was_down: false,
             generation: 0,
@@ -514,6 +519,9 @@ struct Supervisor {
     pinging: bool,
     last_ping: Instant,
     last_tail_check: Instant,
+    /// Watched nodes whose tail check is due in this period, and how many to check per tick.
+    tail_queue: Vec<NodeName>,
+    tail_batch: usize,
     backoff: Backoff,
     was_down: bool,
     /// Counts pub/sub connection losses, to tell stale PING answers from fresh ones.
@@ -861,15 +869,24 @@ impl Supervisor {
                 }
             }
         }
-        if now.duration_since(self.last_tail_check) >= TAIL_CHECK_EVERY {
+        if self.tail_queue.is_empty()
+            && now.duration_since(self.last_tail_check) >= TAIL_CHECK_EVERY
+        {
             self.last_tail_check = now;
-            let nodes: Vec<NodeName> = self
+            self.tail_queue = self
                 .watched
                 .iter()
                 .filter(|(_, w)| w.state == SubState::Confirmed)
                 .map(|(n, _)| n.clone())
                 .collect();
-            for n in nodes {
+            let ticks = (TAIL_CHECK_EVERY.as_millis() / TICK.as_millis()).max(1) as usize;
+            self.tail_batch = self.tail_queue.len().div_ceil(ticks).max(1);
+        }
+        for _ in 0..self.tail_batch {
+            let Some(n) = self.tail_queue.pop() else {
+                break;
+            };
+            if self.watched.contains_key(&n) {
                 self.engine.check_tail(&n);
             }
         }

@@ -33,7 +33,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::codec::{decode_record, encode_record};
 use super::embedded::{decode_subscription, encode_subscription};
-use super::{Append, Appended, CommitSink, ItemsPage, Op, Page, Store};
+use super::{Append, Appended, CommitSink, ItemsPage, MemberChanges, Op, Page, Store};
 use crate::account::{Account, Username};
 use crate::error::Error;
 use crate::membership::{Affiliation, NodeSubscription};
@@ -50,6 +50,8 @@ const MAX_BATCH: usize = 256;
 /// Batches in flight at once. One: appends that arrive while a batch is in Redis wait and go
 /// together in the next (group commit), one script call per node for all of them.
 const FLIGHTS: usize = 1;
+/// About how many membership changes the shared log keeps for instances that were away.
+const MEMBER_LOG_LEN: usize = 10_000;
 
 /// How to reach Redis.
 #[derive(Clone, Debug)]
@@ -720,6 +722,22 @@ impl RedisStore {
         if had < 0 {
             return Err(Error::NodeNotFound(node.to_string()));
         }
+        // Other instances follow memberships through this log (a global key: in a cluster it
+        // cannot be part of the node's script). Should this fail, their periodic full reread
+        // still brings the change.
+        let logged: Result<Value, _> = redis::cmd("XADD")
+            .arg(self.shared.global("members"))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(MEMBER_LOG_LEN)
+            .arg("0-*")
+            .arg("n")
+            .arg(node.as_str())
+            .query_async(&mut c)
+            .await;
+        if let Err(e) = logged {
+            tracing::debug!(node = %node, error = %e, "logging a membership change");
+        }
         Ok(had == 1)
     }
 
@@ -824,6 +842,84 @@ impl Store for RedisStore {
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn node_names(&self) -> Result<Vec<NodeName>, Error> {
+        let mut c = self.shared.conn()?;
+        let names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.shared.global("nodes"))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| engine_error(&e))?;
+        let mut names: Vec<NodeName> = names.iter().filter_map(|n| NodeName::new(n).ok()).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn member_changes(&self, cursor: Option<u64>) -> Result<MemberChanges, Error> {
+        let key = self.shared.global("members");
+        let mut c = self.shared.conn()?;
+        let seq = |id: &str| id.strip_prefix("0-").and_then(|s| s.parse::<u64>().ok());
+        type Entries = Vec<(String, HashMap<String, String>)>;
+        let (first, last): (Entries, Entries) = redis::pipe()
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XREVRANGE")
+            .arg(&key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| engine_error(&e))?;
+        let last = last.first().and_then(|(id, _)| seq(id)).unwrap_or(0);
+        let Some(after) = cursor else {
+            return Ok(MemberChanges {
+                cursor: last,
+                nodes: Vec::new(),
+                complete: true,
+            });
+        };
+        let first = first
+            .first()
+            .and_then(|(id, _)| seq(id))
+            .unwrap_or(last + 1);
+        // The log went back (Redis lost it) or was trimmed past the cursor.
+        if last < after || (first > after + 1 && last > after) {
+            return Ok(MemberChanges {
+                cursor: last,
+                nodes: Vec::new(),
+                complete: false,
+            });
+        }
+        let entries: Entries = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("(0-{after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(MEMBER_LOG_LEN)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| engine_error(&e))?;
+        let mut out = MemberChanges {
+            cursor: after,
+            nodes: Vec::with_capacity(entries.len()),
+            complete: true,
+        };
+        for (id, fields) in entries {
+            out.cursor = out.cursor.max(seq(&id).unwrap_or(out.cursor));
+            if let Some(n) = fields.get("n").and_then(|n| NodeName::new(n).ok()) {
+                out.nodes.push(n);
+            }
+        }
+        out.nodes.sort();
+        out.nodes.dedup();
         Ok(out)
     }
 
