@@ -158,6 +158,9 @@ pub struct StoreConfig {
     pub prefix: String,
     /// Seconds one Redis command may take before the engine counts as unreachable.
     pub timeout_secs: u64,
+    /// With `rediss://` URLs: a PEM file of the CA certificates that verify Redis's
+    /// certificate; empty = the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -170,6 +173,7 @@ impl Default for StoreConfig {
             cluster: false,
             prefix: "juxta".to_owned(),
             timeout_secs: 5,
+            tls_ca_file: None,
         }
     }
 }

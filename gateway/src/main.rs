@@ -221,6 +221,10 @@ fn init_logs(level: &str, format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Two rustls crypto providers are compiled in (libp2p's QUIC brings aws-lc-rs); libraries
+    // that build TLS configurations with the process default (the Redis client, for
+    // rediss://) need one chosen. juxta's own TLS uses ring explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -111,6 +111,12 @@ impl Gateway {
                     prefix: cfg.store.prefix.clone(),
                     idempotency_window: Duration::from_secs(cfg.store.idempotency_window_secs),
                     timeout: Duration::from_secs(cfg.store.timeout_secs.max(1)),
+                    tls_ca_pem: match &cfg.store.tls_ca_file {
+                        Some(path) => Some(std::fs::read(path).with_context(|| {
+                            format!("store.tls_ca_file: reading {}", path.display())
+                        })?),
+                        None => None,
+                    },
                 };
                 let engine_metrics = Arc::new(EngineMetrics::register(&mut registry));
                 let store = RedisStore::start(rc, fanout.clone(), core_metrics, engine_metrics)

@@ -66,6 +66,53 @@ impl Redis {
         Ok(r)
     }
 
+    /// A Redis that speaks only TLS on its port, with a certificate for 127.0.0.1 signed by
+    /// a CA of its own; returns it and the CA's PEM file.
+    async fn start_tls() -> Result<(Self, PathBuf)> {
+        let tmp = tempfile::tempdir()?;
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "juxta test CA");
+        let ca = ca_params.self_signed(&ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        let dir = tmp.path();
+        std::fs::write(dir.join("ca.pem"), ca.pem())?;
+        std::fs::write(dir.join("redis.pem"), cert.pem())?;
+        std::fs::write(dir.join("redis.key"), key.serialize_pem())?;
+        let port = free_port()?;
+        let mut r = Self {
+            child: None,
+            port,
+            dir: dir.to_owned(),
+            args: [
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &dir.join("redis.pem").display().to_string(),
+                "--tls-key-file",
+                &dir.join("redis.key").display().to_string(),
+                "--tls-ca-cert-file",
+                &dir.join("ca.pem").display().to_string(),
+                "--tls-auth-clients",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            _tmp: tmp,
+        };
+        r.spawn().await?;
+        let ca = r.dir.join("ca.pem");
+        Ok((r, ca))
+    }
+
     async fn spawn(&mut self) -> Result<()> {
         let child = Command::new("redis-server")
             .args([
@@ -958,6 +1005,56 @@ async fn redis_losing_acknowledged_events_changes_the_epoch_instead_of_reusing_o
     );
     let history: Vec<String> = kept.iter().chain(&after).cloned().collect();
     ws_expect(&mut again, 1, &history).await?;
+    Ok(())
+}
+
+/// Redis over TLS (`rediss://`), as managed Redis services require: two instances verify
+/// Redis's certificate against the CA in `store.tls_ca_file` and behave as one gateway (their
+/// own pub/sub connections speak TLS too). Without that CA (the system's roots) or without
+/// TLS, an instance is not ready and says why.
+#[tokio::test]
+async fn redis_over_tls_verifies_the_certificate_and_serves_several_instances() -> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let (redis, ca) = Redis::start_tls().await?;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let mut g = Vec::new();
+    for _ in 0..2 {
+        let s =
+            Server::start(options(&url, false, None).env("JUXTA_STORE__TLS_CA_FILE", &ca)).await?;
+        wait_ready(&s, true).await?;
+        g.push(s);
+    }
+    let (a, b) = (&g[0], &g[1]);
+    let node = unique("tls");
+    a.api().create_node(&node, None).await?;
+    let mut ws = WsClient::connect(&a.ws_url(), ADMIN).await?;
+    ws.subscribed(&node, None, None).await?;
+    let mut sse = sse_open(b, &node).await?;
+    let ids = publish_n(b, &node, 5, "b").await?;
+    ws_expect(&mut ws, 1, &ids).await?;
+    sse_expect(&mut sse, 1, &ids).await?;
+
+    // The system's roots do not know this CA: not ready, and readyz says it is the certificate.
+    let s = Server::start(options(&url, false, None)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(!ready(&s).await?, "ready with an unverifiable certificate");
+    let why = s.api().get("/readyz").await?.body["checks"]["store"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    ensure!(why.contains("certificate"), "readyz: {why}");
+    s.api()
+        .publish(&node, &json!({"payload": 1}))
+        .await?
+        .expect_problem(503, "engine_unavailable")?;
+    drop(s);
+    // Plain redis:// to the TLS port: not ready either.
+    let plain = format!("redis://127.0.0.1:{}", redis.port);
+    let s = Server::start(options(&plain, false, None)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(!ready(&s).await?, "ready speaking plain RESP to a TLS port");
     Ok(())
 }
 

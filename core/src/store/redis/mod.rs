@@ -66,6 +66,9 @@ pub struct RedisConfig {
     pub idempotency_window: Duration,
     /// How long one command may take before the engine counts as unreachable.
     pub timeout: Duration,
+    /// With `rediss://` URLs: PEM CA certificates that verify Redis's certificate; `None` =
+    /// the system's roots.
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 impl RedisConfig {
@@ -78,6 +81,7 @@ impl RedisConfig {
             prefix: "juxta".to_owned(),
             idempotency_window: super::DEFAULT_IDEMPOTENCY_WINDOW,
             timeout: Duration::from_secs(5),
+            tls_ca_pem: None,
         }
     }
 }
@@ -118,18 +122,69 @@ impl ConnectionLike for Conn {
     }
 }
 
+fn tls_certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca_pem.to_vec()),
+    }
+}
+
+/// The TLS client configuration of the engine's own pub/sub connections: the CA given, or
+/// the system's roots.
+fn tls_client_config(ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, Error> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert =
+                    cert.map_err(|e| Error::InvalidConfig(format!("store.tls_ca_file: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::InvalidConfig(format!("store.tls_ca_file: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(Error::InvalidConfig(
+                    "store.tls_ca_file holds no certificate".into(),
+                ));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::InvalidConfig(format!("TLS for Redis: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// Opens a command connection.
 async fn connect(cfg: &RedisConfig) -> Result<Conn, RedisError> {
     if cfg.cluster {
         let client = redis::cluster::ClusterClientBuilder::new(cfg.urls.clone())
             .connection_timeout(cfg.timeout)
             .response_timeout(cfg.timeout)
-            .retries(2)
-            .build()?;
+            .retries(2);
+        let client = match &cfg.tls_ca_pem {
+            Some(pem) => client.certs(tls_certificates(pem)),
+            None => client,
+        }
+        .build()?;
         return Ok(Conn::Cluster(client.get_async_connection().await?));
     }
     let url = cfg.urls.first().map_or("", String::as_str);
-    let client = redis::Client::open(url)?;
+    let client = match &cfg.tls_ca_pem {
+        Some(pem) if url.starts_with("rediss://") => {
+            redis::Client::build_with_tls(url, tls_certificates(pem))?
+        }
+        _ => redis::Client::open(url)?,
+    };
     let mc = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(cfg.timeout))
         .set_response_timeout(Some(cfg.timeout))
@@ -472,19 +527,46 @@ impl RedisStore {
         }
         let mut auth = resp::Auth::default();
         let mut addrs = Vec::new();
+        let mut tls = Vec::new();
         for u in &cfg.urls {
             let info = redis::IntoConnectionInfo::into_connection_info(u.as_str())
                 .map_err(|e| Error::InvalidConfig(format!("store.url {u:?}: {e}")))?;
             match info.addr() {
-                redis::ConnectionAddr::Tcp(host, port) => addrs.push(format!("{host}:{port}")),
+                redis::ConnectionAddr::Tcp(host, port) => {
+                    addrs.push(format!("{host}:{port}"));
+                    tls.push(false);
+                }
+                redis::ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    ..
+                } => {
+                    addrs.push(format!("{host}:{port}"));
+                    tls.push(true);
+                }
+                redis::ConnectionAddr::TcpTls { .. } => {
+                    return Err(Error::InvalidConfig(format!(
+                        "store.url {u:?}: Redis's certificate is always verified; give its CA \
+                         in store.tls_ca_file instead of #insecure"
+                    )));
+                }
                 _ => {
                     return Err(Error::InvalidConfig(format!(
-                        "store.url {u:?}: only redis:// over TCP is supported"
+                        "store.url {u:?}: only redis:// or rediss:// over TCP is supported"
                     )));
                 }
             }
             auth.username = info.redis_settings().username().map(str::to_owned);
             auth.password = info.redis_settings().password().map(str::to_owned);
+        }
+        if tls.iter().any(|t| *t) {
+            if !tls.iter().all(|t| *t) {
+                return Err(Error::InvalidConfig(
+                    "store.url: use rediss:// for every URL or for none".into(),
+                ));
+            }
+            auth.tls = Some(tls_client_config(cfg.tls_ca_pem.as_deref())?);
         }
         let shared = Arc::new(Shared {
             cfg,

@@ -4,10 +4,14 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
+
+type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Longest bulk string accepted from the server: a record is at most the payload limit plus
 /// a few hundred bytes, and a message batches records of one commit.
@@ -30,11 +34,12 @@ pub(super) enum Push {
     Down(String),
 }
 
-/// Credentials for `AUTH`.
+/// Credentials for `AUTH`, and TLS (`rediss://`).
 #[derive(Clone, Debug, Default)]
 pub(super) struct Auth {
     pub(super) username: Option<String>,
     pub(super) password: Option<String>,
+    pub(super) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A live pub/sub connection. Dropping it closes the connection.
@@ -57,8 +62,27 @@ impl SubConn {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;
-        let (read, mut write) = stream.into_split();
-        let mut read = BufReader::with_capacity(64 << 10, read);
+        let (read, mut write): (Box<dyn AsyncRead + Send + Unpin>, Writer) = match &auth.tls {
+            Some(config) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone());
+                let stream = tokio::time::timeout(timeout, tls.connect(name, stream))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })??;
+                let (r, w) = tokio::io::split(stream);
+                (Box::new(r), Box::new(w))
+            }
+            None => {
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        };
+        let mut read: Reader = BufReader::with_capacity(64 << 10, read);
         if let Some(password) = &auth.password {
             let mut cmd = vec![b"AUTH".to_vec()];
             if let Some(user) = &auth.username {
@@ -162,7 +186,7 @@ fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
 }
 
-async fn read_line(r: &mut BufReader<OwnedReadHalf>) -> io::Result<Vec<u8>> {
+async fn read_line(r: &mut Reader) -> io::Result<Vec<u8>> {
     let mut line = Vec::with_capacity(32);
     if r.read_until(b'\n', &mut line).await? == 0 {
         return Err(io::Error::new(
@@ -184,7 +208,7 @@ fn number(b: &[u8]) -> io::Result<i64> {
         .ok_or_else(|| bad("bad length"))
 }
 
-async fn read_scalar(r: &mut BufReader<OwnedReadHalf>, line: &[u8]) -> io::Result<Value> {
+async fn read_scalar(r: &mut Reader, line: &[u8]) -> io::Result<Value> {
     let (kind, rest) = line.split_first().ok_or_else(|| bad("empty line"))?;
     match kind {
         b'+' => Ok(Value::Simple),
@@ -209,7 +233,7 @@ async fn read_scalar(r: &mut BufReader<OwnedReadHalf>, line: &[u8]) -> io::Resul
 }
 
 /// Reads one value: a scalar, or an array of scalars (pub/sub never nests deeper).
-async fn read_value(r: &mut BufReader<OwnedReadHalf>) -> io::Result<Value> {
+async fn read_value(r: &mut Reader) -> io::Result<Value> {
     let line = read_line(r).await?;
     if line.first() != Some(&b'*') {
         return read_scalar(r, &line).await;
