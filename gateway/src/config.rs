@@ -161,6 +161,9 @@ pub struct StoreConfig {
     /// With `rediss://` URLs: a PEM file of the CA certificates that verify Redis's
     /// certificate; empty = the system's roots.
     pub tls_ca_file: Option<PathBuf>,
+    /// Redis replicas that must confirm a change (`WAIT`) before it is acknowledged and fanned
+    /// out, so that a failover cannot lose it; 0 = Redis's own persistence only.
+    pub min_replicas: u32,
 }
 
 impl Default for StoreConfig {
@@ -174,6 +177,7 @@ impl Default for StoreConfig {
             prefix: "juxta".to_owned(),
             timeout_secs: 5,
             tls_ca_file: None,
+            min_replicas: 0,
         }
     }
 }

@@ -117,6 +117,7 @@ impl Gateway {
                         })?),
                         None => None,
                     },
+                    min_replicas: cfg.store.min_replicas,
                 };
                 let engine_metrics = Arc::new(EngineMetrics::register(&mut registry));
                 let store = RedisStore::start(rc, fanout.clone(), core_metrics, engine_metrics)

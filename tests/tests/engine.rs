@@ -344,6 +344,18 @@ async fn wait_ready(s: &Server, want: bool) -> Result<()> {
     Ok(())
 }
 
+/// Waits a moment for the engine to try, then checks `s` is not ready and returns why
+/// (`/readyz`'s store check, lower case).
+async fn not_ready_because(s: &Server) -> Result<String> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = s.api().get("/readyz").await?;
+    ensure!(r.status == 503, "ready: {}", r.body);
+    Ok(r.body["checks"]["store"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase())
+}
+
 /// Reads `n` events and checks they are offsets `from..from+n` with the given ids.
 async fn ws_expect(ws: &mut WsClient, from: u64, ids: &[String]) -> Result<()> {
     for (i, id) in ids.iter().enumerate() {
@@ -1008,6 +1020,98 @@ async fn redis_losing_acknowledged_events_changes_the_epoch_instead_of_reusing_o
     Ok(())
 }
 
+/// `store.min_replicas = 1`: a publish is acknowledged, and fanned out, only once a replica
+/// has it (`WAIT`), so a failover to that replica cannot lose an acknowledged item. With the
+/// replica stalled, a publish answers 503 within `store.timeout_secs` and reaches nobody; once
+/// the replica is back and confirms it, it is delivered, once, and a retry with the same
+/// Idempotency-Key answers with it instead of storing it again.
+#[tokio::test]
+async fn with_min_replicas_a_publish_is_acknowledged_only_once_a_replica_has_it() -> Result<()> {
+    if !have_redis() {
+        return Ok(());
+    }
+    let primary = Redis::start(&[]).await?;
+    let replica = Redis::start(&["--replicaof", "127.0.0.1", &primary.port.to_string()]).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !replica
+        .cli(&["info", "replication"])
+        .await?
+        .contains("master_link_status:up")
+    {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the replica never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = Server::start(
+        options(&primary.url(), false, None)
+            .env("JUXTA_STORE__MIN_REPLICAS", "1")
+            .env("JUXTA_STORE__TIMEOUT_SECS", "1"),
+    )
+    .await?;
+    wait_ready(&s, true).await?;
+    let node = unique("replicated");
+    s.api().create_node(&node, None).await?;
+    let mut ws = WsClient::connect(&s.ws_url(), ADMIN).await?;
+    ws.subscribed(&node, None, None).await?;
+    let ids = publish_n(&s, &node, 5, "r").await?;
+    ws_expect(&mut ws, 1, &ids).await?;
+    let log = format!("juxta:{{{node}}}:log");
+    ensure!(
+        replica.cli(&["xlen", &log]).await? == "5",
+        "the replica does not hold the acknowledged items"
+    );
+
+    let path = format!(
+        "/api/v1/nodes/{}/items",
+        juxta_tests::encode_path_segment(&node)
+    );
+    let api = s.api();
+    let publish = || {
+        api.send(
+            api.request(reqwest::Method::POST, &path)
+                .header("Idempotency-Key", "while-stalled")
+                .json(&json!({"id": "w", "payload": 1})),
+        )
+    };
+    replica.signal("STOP").await?;
+    let stalled = async {
+        let refused = publish().await?;
+        refused.expect_problem(503, "engine_unavailable")?;
+        ensure!(
+            refused.body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("replicas") && d.contains("Idempotency-Key")),
+            "{}",
+            refused.body
+        );
+        let quiet = tokio::time::timeout(Duration::from_millis(500), ws.next_event()).await;
+        ensure!(
+            quiet.is_err(),
+            "an unreplicated item was fanned out: {quiet:?}"
+        );
+        Ok(())
+    }
+    .await;
+    replica.signal("CONT").await?;
+    stalled?;
+    // Confirmed by the replica now: delivered once.
+    let e = ws.next_event().await?;
+    ensure!(e["offset"] == 6 && e["item"]["id"] == "w", "{e}");
+    let retried = publish().await?;
+    ensure!(
+        retried.status == 200 && retried.body["offset"] == 6,
+        "{} {}",
+        retried.status,
+        retried.body
+    );
+    let quiet = tokio::time::timeout(Duration::from_secs(1), ws.next_event()).await;
+    ensure!(quiet.is_err(), "delivered twice: {quiet:?}");
+    ensure!(s.api().all_items(&node).await?.len() == 6, "stored twice");
+    Ok(())
+}
+
 /// Redis over TLS (`rediss://`), as managed Redis services require: two instances verify
 /// Redis's certificate against the CA in `store.tls_ca_file` and behave as one gateway (their
 /// own pub/sub connections speak TLS too). Without that CA (the system's roots) or without
@@ -1038,12 +1142,7 @@ async fn redis_over_tls_verifies_the_certificate_and_serves_several_instances() 
 
     // The system's roots do not know this CA: not ready, and readyz says it is the certificate.
     let s = Server::start(options(&url, false, None)).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    ensure!(!ready(&s).await?, "ready with an unverifiable certificate");
-    let why = s.api().get("/readyz").await?.body["checks"]["store"]
-        .as_str()
-        .unwrap_or_default()
-        .to_lowercase();
+    let why = not_ready_because(&s).await?;
     ensure!(why.contains("certificate"), "readyz: {why}");
     s.api()
         .publish(&node, &json!({"payload": 1}))
@@ -1053,13 +1152,13 @@ async fn redis_over_tls_verifies_the_certificate_and_serves_several_instances() 
     // Plain redis:// to the TLS port: not ready either.
     let plain = format!("redis://127.0.0.1:{}", redis.port);
     let s = Server::start(options(&plain, false, None)).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    ensure!(!ready(&s).await?, "ready speaking plain RESP to a TLS port");
+    not_ready_because(&s).await?;
     Ok(())
 }
 
-/// Engine failover: in a Redis Cluster with a replica per master, the replica of the node's
-/// shard takes over (`CLUSTER FAILOVER`) in the middle of a publish stream. The instances
+/// Engine failover: in a Redis Cluster with a replica per master (and `store.min_replicas =
+/// 1`), the replica of the node's shard takes over (`CLUSTER FAILOVER`) in the middle of a
+/// publish stream. The instances
 /// follow the shard to its new master (commands by redirection, the sharded subscription
 /// because the old master ends it); the publisher, retrying with its Idempotency-Key, gets
 /// every item stored once, and subscribers on two instances receive all of them in order,
@@ -1071,7 +1170,16 @@ async fn a_cluster_failover_during_a_publish_stream_loses_nothing_and_skips_noth
         return Ok(());
     }
     let cluster = Cluster::start(1).await?;
-    let g = instances(&cluster.urls(), true, 2).await?;
+    // Acknowledged only once the shard's replica has it (WAIT routed to the shard's primary).
+    let mut g = Vec::new();
+    for _ in 0..2 {
+        let s = Server::start(
+            options(&cluster.urls(), true, None).env("JUXTA_STORE__MIN_REPLICAS", "1"),
+        )
+        .await?;
+        wait_ready(&s, true).await?;
+        g.push(s);
+    }
     let (a, b) = (&g[0], &g[1]);
     let node = unique("failover");
     a.api().create_node(&node, None).await?;
@@ -1184,16 +1292,10 @@ async fn engine_faults_are_clear_errors_and_the_process_stays_up() -> Result<()>
     let redis = Redis::start(&["--requirepass", "right-password"]).await?;
     let url = format!("redis://:wrong-password@127.0.0.1:{}", redis.port);
     let s = Server::start(options(&url, false, None)).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    ensure!(!ready(&s).await?, "ready with a wrong password");
-    let body = s.api().get("/readyz").await?.body;
-    let why = body["checks"]["store"]
-        .as_str()
-        .unwrap_or_default()
-        .to_lowercase();
+    let why = not_ready_because(&s).await?;
     ensure!(
         why.contains("refuses our credentials") && why.contains("auth"),
-        "readyz does not say the password is wrong: {body}"
+        "readyz does not say the password is wrong: {why}"
     );
     drop(s);
 

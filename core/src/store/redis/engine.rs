@@ -991,7 +991,7 @@ fn parse_slots(v: &redis::Value) -> Vec<(u16, u16, String)> {
 }
 
 /// The cluster slot of a key or channel (CRC16/XMODEM of its hash tag, mod 16384).
-fn slot_of(key: &[u8]) -> u16 {
+pub(super) fn slot_of(key: &[u8]) -> u16 {
     let tag = match key.iter().position(|&b| b == b'{') {
         Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
             Some(len) if len > 0 => &key[open + 1..open + 1 + len],

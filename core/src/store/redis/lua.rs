@@ -82,7 +82,9 @@ return e[1] or false
 ";
 
 /// KEYS: meta, log, items, channel, then idempotency keys. ARGV: now (unused by Redis, kept
-/// for the record), idempotency window in ms, number of operations, then per operation:
+/// for the record), idempotency window in ms, number of operations, announce (`1`: publish
+/// the message here; `0`: return it as a third element, for the caller to publish once
+/// replicas have the records), then per operation:
 /// kind (`p` publish, `r` retract, `x` purge), item id, encoded record, index of its
 /// idempotency key in KEYS (0 for none), origin (one letter).
 ///
@@ -96,13 +98,13 @@ local meta, log, items, chan = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local m = redis.call('HMGET', meta, 'epoch', 'persist', 'max_items')
 if not m[1] then return false end
 local epoch, persist, max = m[1], m[2] == '1', tonumber(m[3])
-local ttl, n = ARGV[2], tonumber(ARGV[3])
+local ttl, n, announce = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local function current(items, log, id)
   local o = redis.call('ZSCORE', items, id)
   return o and redis.call('XRANGE', log, '0-' .. o, '0-' .. o)[1]
 end
 local out, msg = {}, {'P', epoch, '\n'}
-local a = 4
+local a = 5
 for k = 1, n do
   local kind, id, rec, ik, org = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), ARGV[a + 4]
   a = a + 5
@@ -137,7 +139,10 @@ for k = 1, n do
     msg[#msg + 1] = rec
   end
 end
-if #msg > 3 then redis.call('SPUBLISH', chan, table.concat(msg)) end
+if #msg > 3 then
+  if not announce then return {epoch, out, table.concat(msg)} end
+  redis.call('SPUBLISH', chan, table.concat(msg))
+end
 return {epoch, out}
 ";
 

@@ -50,6 +50,9 @@ const MAX_BATCH: usize = 256;
 /// Batches in flight at once. One: appends that arrive while a batch is in Redis wait and go
 /// together in the next (group commit), one script call per node for all of them.
 const FLIGHTS: usize = 1;
+/// How many times (a second apart) a commit the replicas did not confirm in time is asked
+/// about again before it is left to the tail checks.
+const REPLICA_RETRIES: usize = 60;
 /// About how many membership changes the shared log keeps for instances that were away.
 const MEMBER_LOG_LEN: usize = 10_000;
 
@@ -69,6 +72,9 @@ pub struct RedisConfig {
     /// With `rediss://` URLs: PEM CA certificates that verify Redis's certificate; `None` =
     /// the system's roots.
     pub tls_ca_pem: Option<Vec<u8>>,
+    /// Replicas that must have a change (`WAIT`) before it is acknowledged and fanned out;
+    /// 0 = Redis's own persistence only.
+    pub min_replicas: u32,
 }
 
 impl RedisConfig {
@@ -82,6 +88,7 @@ impl RedisConfig {
             idempotency_window: super::DEFAULT_IDEMPOTENCY_WINDOW,
             timeout: Duration::from_secs(5),
             tls_ca_pem: None,
+            min_replicas: 0,
         }
     }
 }
@@ -648,7 +655,11 @@ async fn append_node(shared: &Arc<Shared>, engine: &Arc<Engine>, node: NodeName,
     let mut changes = Vec::with_capacity(jobs.len());
     let mut inv = shared.scripts.append.key(&k.meta);
     inv.key(&k.log).key(&k.items).key(&k.chan);
-    inv.arg(now).arg(&ttl).arg(jobs.len());
+    let replicated = shared.cfg.min_replicas > 0;
+    inv.arg(now)
+        .arg(&ttl)
+        .arg(jobs.len())
+        .arg(if replicated { "0" } else { "1" });
     let mut idem_keys = 0usize;
     for j in &jobs {
         let a = &j.append;
@@ -690,9 +701,10 @@ async fn append_node(shared: &Arc<Shared>, engine: &Arc<Engine>, node: NodeName,
             .arg(origin_letter(a.origin));
         changes.push((change, id));
     }
-    let result: Result<Value, Error> = match shared.conn() {
-        Ok(mut c) => inv.invoke_async(&mut c).await.map_err(|e| engine_error(&e)),
-        Err(e) => Err(e),
+    let mut conn = shared.conn();
+    let result: Result<Value, Error> = match &mut conn {
+        Ok(c) => inv.invoke_async(c).await.map_err(|e| engine_error(&e)),
+        Err(e) => Err(clone_error(e)),
     };
     let fail = |jobs: Vec<Job>, e: Error| {
         if !matches!(e, Error::NodeNotFound(_)) {
@@ -704,7 +716,7 @@ async fn append_node(shared: &Arc<Shared>, engine: &Arc<Engine>, node: NodeName,
     };
     let parts = match result {
         Ok(Value::Nil) => return fail(jobs, Error::NodeNotFound(node.to_string())),
-        Ok(Value::Array(p)) if p.len() == 2 => p,
+        Ok(Value::Array(p)) if p.len() == 2 || p.len() == 3 => p,
         Ok(other) => return fail(jobs, corrupt(format!("append {other:?}"))),
         Err(e) => return fail(jobs, e),
     };
@@ -761,10 +773,97 @@ async fn append_node(shared: &Arc<Shared>, engine: &Arc<Engine>, node: NodeName,
         };
         replies.push((j.reply, res));
     }
+    if replicated {
+        // Acknowledged and fanned out only once the replicas have it (WAIT on the connection
+        // that wrote it), so that a failover to one of them cannot lose it.
+        let Ok(c) = &mut conn else {
+            return fail_replies(replies, Error::EngineUnavailable("no connection".into()));
+        };
+        let msg = parts.get(2).and_then(bytes_of).map(<[u8]>::to_vec);
+        if let Err(e) = wait_replicas(shared, c, &k.chan).await {
+            // Stored on the primary, not known to be on replicas: the outcome is unknown (a
+            // retry with the same Idempotency-Key does not store it twice). It is fanned out
+            // if and when the replicas confirm it.
+            shared.metrics.store_errors.inc();
+            fail_replies(replies, e);
+            let (shared, engine, mut c) = (shared.clone(), engine.clone(), c.clone());
+            tokio::spawn(async move {
+                for _ in 0..REPLICA_RETRIES {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if wait_replicas(&shared, &mut c, &k.chan).await.is_ok() {
+                        announce(&mut c, &k.chan, msg.as_deref()).await;
+                        engine.deliver(&node, epoch, events);
+                        return;
+                    }
+                }
+                tracing::warn!(node = %node, "engine: a commit was never confirmed by replicas");
+            });
+            return;
+        }
+        announce(c, &k.chan, msg.as_deref()).await;
+    }
     engine.deliver(&node, epoch, events);
     for (reply, res) in replies {
         let _ = reply.send(res);
     }
+}
+
+/// Publishes a commit's message on its node's channel (other instances' fan-out); a failure
+/// leaves it to their gap fill.
+async fn announce(c: &mut Conn, chan: &str, msg: Option<&[u8]>) {
+    let Some(msg) = msg else { return };
+    let sent: Result<Value, _> = redis::cmd("SPUBLISH")
+        .arg(chan)
+        .arg(msg)
+        .query_async(c)
+        .await;
+    if let Err(e) = sent {
+        tracing::debug!(%chan, error = %e, "announcing a replicated commit");
+    }
+}
+
+type Replies = Vec<(
+    oneshot::Sender<Result<Appended, Error>>,
+    Result<Appended, Error>,
+)>;
+
+fn fail_replies(replies: Replies, e: Error) {
+    for (reply, _) in replies {
+        let _ = reply.send(Err(clone_error(&e)));
+    }
+}
+
+/// `WAIT min_replicas timeout` where `chan`'s node lives (in a cluster, its shard's primary).
+async fn wait_replicas(shared: &Shared, c: &mut Conn, chan: &str) -> Result<(), Error> {
+    let want = shared.cfg.min_replicas;
+    let mut cmd = redis::cmd("WAIT");
+    // Redis answers before the connection's own response timeout fires.
+    cmd.arg(want)
+        .arg((shared.cfg.timeout.as_millis() as u64 * 3 / 4).max(1));
+    let got = match c {
+        Conn::Single(m) => cmd.query_async::<i64>(m).await,
+        Conn::Cluster(cl) => {
+            use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+            let route = Route::new(engine::slot_of(chan.as_bytes()), SlotAddr::Master);
+            cl.route_command(
+                cmd,
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+            )
+            .await
+            .map(|v| match v {
+                Value::Int(n) => n,
+                _ => -1,
+            })
+        }
+    }
+    .map_err(|e| engine_error(&e))?;
+    if got < i64::from(want) {
+        return Err(Error::EngineUnavailable(format!(
+            "only {got} of store.min_replicas = {want} Redis replicas confirmed the write in \
+             time; it may still take effect: retry it with the same Idempotency-Key"
+        )));
+    }
+    Ok(())
 }
 
 /// Errors are not `Clone`; a failed script call fails each of its appends the same way.
@@ -908,13 +1007,7 @@ impl Store for RedisStore {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeMeta>, Error> {
-        let mut c = self.shared.conn()?;
-        let names: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.shared.global("nodes"))
-            .query_async(&mut c)
-            .await
-            .map_err(|e| engine_error(&e))?;
-        let names: Vec<NodeName> = names.iter().filter_map(|n| NodeName::new(n).ok()).collect();
+        let names = self.node_names().await?;
         let states =
             futures_util::future::join_all(names.iter().map(|n| self.shared.state(n))).await;
         let mut out = Vec::with_capacity(names.len());
