@@ -1182,7 +1182,10 @@ async fn a_cluster_failover_during_a_publish_stream_loses_nothing_and_skips_noth
     }
     let (a, b) = (&g[0], &g[1]);
     let node = unique("failover");
-    a.api().create_node(&node, None).await?;
+    // History holds the whole stream, however long the failover takes.
+    a.api()
+        .create_node(&node, Some(&json!({"max_items": 1_000_000})))
+        .await?;
     let slot: u16 = cluster.nodes[0]
         .cli(&["cluster", "keyslot", &format!("juxta:{{{node}}}:meta")])
         .await?
