@@ -837,9 +837,9 @@ fn fail_replies(replies: Replies, e: Error) {
 async fn wait_replicas(shared: &Shared, c: &mut Conn, chan: &str) -> Result<(), Error> {
     let want = shared.cfg.min_replicas;
     let mut cmd = redis::cmd("WAIT");
-    // Redis answers before the connection's own response timeout fires.
+    // Redis answers well before the connection's own response timeout fires.
     cmd.arg(want)
-        .arg((shared.cfg.timeout.as_millis() as u64 * 3 / 4).max(1));
+        .arg((shared.cfg.timeout.as_millis() as u64 / 2).max(1));
     let got = match c {
         Conn::Single(m) => cmd.query_async::<i64>(m).await,
         Conn::Cluster(cl) => {
