@@ -36,6 +36,8 @@ Steps ("to" is the JID asked; "node" a pubsub or disco node):
                                                           received so far, without waiting
   {"op": "presence", "type"?}                            broadcasts presence ("unavailable", or
                                                           available when no type is given)
+  {"op": "touch", "path"}                                creates the file PATH, for the test to
+                                                          see how far the client got
 """
 
 import asyncio
@@ -208,6 +210,8 @@ class Runner(slixmpp.ClientXMPP):
             await asyncio.sleep(step["seconds"])
         elif op == "events":
             out["events"] = [e for e in self.events if e["node"] == step["node"]]
+        elif op == "touch":
+            open(step["path"], "w").close()
         elif op == "presence":
             if step.get("type"):
                 self.send_presence(ptype=step["type"])

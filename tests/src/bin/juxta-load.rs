@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use juxta_tests::{
@@ -196,6 +196,10 @@ struct Args {
     /// xmpp: the Prosody executable for --server prosody.
     #[arg(long, default_value = "prosody")]
     prosody: PathBuf,
+    /// fanout: a shell command run once every subscriber is connected, just before the first
+    /// publish (e.g. resetting Redis's command statistics, so they count publishes only).
+    #[arg(long, value_name = "COMMAND")]
+    before_publish: Option<String>,
 }
 
 fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
@@ -1174,6 +1178,15 @@ async fn fanout(args: &Args, target: &Target, node: &str) -> Result<Value> {
 
     // Publish.
     let cpu_before = target.cpu();
+    if let Some(cmd) = &args.before_publish {
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .status()
+            .await
+            .context("running --before-publish")?;
+        ensure!(status.success(), "--before-publish {cmd:?}: {status}");
+    }
     let publish_start = Instant::now();
     let published = publish_paced(args, target, node, items, publishers).await?;
     let publish_secs = publish_start.elapsed().as_secs_f64();

@@ -289,7 +289,10 @@ impl Engine {
                 Some(s) => s.last,
                 None => return,
             };
-            let page = self.shared.read_records(&node, after, FILL_PAGE).await;
+            let page = self
+                .shared
+                .read_records(&node, after, FILL_PAGE, false)
+                .await;
             let mut rebase = None;
             'locked: {
                 let mut seqs = self.seqs.lock();
@@ -402,7 +405,7 @@ impl Engine {
 
     /// Learns the node's position once its subscription is confirmed, then releases waiters.
     async fn initialize(self: Arc<Self>, node: NodeName) {
-        let state = self.shared.state(&node).await;
+        let state = self.shared.state(&node, false).await;
         let mut seqs = self.seqs.lock();
         let Some(seq) = seqs.get_mut(&node) else {
             return;

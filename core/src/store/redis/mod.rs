@@ -2,13 +2,16 @@
 //! accounts in one Redis (or a Redis Cluster) and fan out to each other.
 //!
 //! Layout, per node (every key carries the `{node}` hash tag, so one node lives on one
-//! shard): `<prefix>:{node}:meta` (hash), `:log` (a Stream, one entry per record, id
-//! `0-<offset>`, capped at `max_items` by `XADD MAXLEN`), `:items` (sorted set of current
-//! item ids by offset), `:subs` and `:affs` (hashes), `:idem:<key>` (idempotency keys with a
-//! TTL) and the sharded pub/sub channel `:events`. Globally: `<prefix>:nodes` (set of names)
-//! and `<prefix>:accounts` (hash). Each change is one Lua script ([`lua`]): it assigns the
-//! offset (the Stream's own sequence), appends, updates the index and `SPUBLISH`es the records
-//! on the node's channel, atomically and in offset order.
+//! shard): `<prefix>:{node}:meta` (hash), `:log:<generation>` (a Stream, one entry per
+//! record, id `0-<offset>`, capped at `max_items` by `XADD MAXLEN`), `:items` (sorted set of
+//! current item ids by offset, kept up to date lazily), `:subs` and `:affs` (hashes),
+//! `:idem:<key>` (idempotency keys with a TTL) and the sharded pub/sub channel `:events`.
+//! Globally: `<prefix>:nodes` (set of names), `<prefix>:members` (a Stream of membership
+//! changes) and `<prefix>:accounts` (hash). Each change is one Lua script ([`lua`]): it
+//! assigns the offset (the Stream's own sequence), appends and `SPUBLISH`es the records on the
+//! node's channel, atomically and in offset order. A publish is three commands in Redis (the
+//! script call, `XADD`, `SPUBLISH`): the writer names the log by the settings it cached, and
+//! the item index is brought up to date by whatever reads it.
 //!
 //! The [`engine`] subscribes (`SSUBSCRIBE`) to the channels of the nodes this instance has
 //! subscribers for, and hands events to the commit sink in offset order, once: gaps (a
@@ -285,16 +288,16 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Self {
-            append: Script::new(lua::APPEND),
+            append: Script::new(&lua::append()),
             meta: Script::new(&lua::meta()),
             read: Script::new(&lua::read()),
             items: Script::new(&lua::items()),
-            item: Script::new(lua::ITEM),
+            item: Script::new(&lua::item()),
             put_node: Script::new(&lua::put_node()),
             delete_node: Script::new(&lua::delete_node()),
             set_member: Script::new(lua::SET_MEMBER),
             members: Script::new(lua::MEMBERS),
-            rebase: Script::new(lua::REBASE),
+            rebase: Script::new(&lua::rebase()),
         }
     }
 }
@@ -306,6 +309,18 @@ pub(crate) struct Shared {
     metrics: Arc<Metrics>,
     conn: RwLock<Option<Conn>>,
     scripts: Scripts,
+    /// What the last append to each node found of its settings: the next append names its
+    /// log by them and skips reading them (the script re-reads them when the log is gone).
+    known: parking_lot::Mutex<HashMap<NodeName, Known>>,
+}
+
+/// A node's settings as an append found them.
+#[derive(Clone)]
+struct Known {
+    generation: String,
+    epoch: String,
+    persist: bool,
+    max_items: u64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -338,7 +353,8 @@ impl Shared {
         format!("{}:{what}", self.cfg.prefix)
     }
 
-    /// Runs a script over a node's first three keys plus `args`.
+    /// Runs a script over a node's first three keys plus `args`; again while it answers that
+    /// the node's item index had more to catch up than one call does (see [`lua`]).
     async fn node_script(
         &self,
         script: &Script,
@@ -352,45 +368,78 @@ impl Shared {
             inv.arg(*a);
         }
         let mut c = self.conn()?;
-        inv.invoke_async(&mut c).await.map_err(|e| engine_error(&e))
+        loop {
+            let v = inv
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| engine_error(&e))?;
+            if !is_behind(&v) {
+                return Ok(v);
+            }
+        }
     }
 
-    /// The node's state, `None` when it does not exist.
-    pub(crate) async fn state(&self, node: &NodeName) -> Result<Option<State>, Error> {
+    /// The node's state, `None` when it does not exist; with its item count if `count`.
+    pub(crate) async fn state(&self, node: &NodeName, count: bool) -> Result<Option<State>, Error> {
         let v = self
-            .node_script(&self.scripts.meta, node.as_str(), &[])
+            .node_script(&self.scripts.meta, node.as_str(), &[flag(count)])
             .await?;
         parse_state(node, &v)
     }
 
-    /// Records after `after`, at most `limit`, with the node's state.
+    /// Records after `after`, at most `limit`, with the node's state (with its item count if
+    /// `count`).
     pub(crate) async fn read_records(
         &self,
         node: &NodeName,
         after: Offset,
         limit: usize,
+        count: bool,
     ) -> Result<Option<(State, Vec<Record>)>, Error> {
         let v = self
             .node_script(
                 &self.scripts.read,
                 node.as_str(),
-                &[after.to_string().as_bytes(), limit.to_string().as_bytes()],
+                &[
+                    after.to_string().as_bytes(),
+                    limit.to_string().as_bytes(),
+                    flag(count),
+                ],
             )
             .await?;
         parse_state_and_entries(node, v)
     }
 
-    /// Gives `node` a new epoch if it still has `seen` (see [`lua::REBASE`]).
+    /// Gives `node` a new epoch if it still has `seen` (see [`lua::rebase`]).
     pub(crate) async fn rebase(&self, node: &NodeName, seen: Epoch) -> Result<(), Error> {
         let new = Epoch::random();
+        self.known.lock().remove(node);
         self.node_script(
             &self.scripts.rebase,
             node.as_str(),
-            &[seen.to_string().as_bytes(), new.to_string().as_bytes()],
+            &[
+                seen.to_string().as_bytes(),
+                new.to_string().as_bytes(),
+                generation().as_bytes(),
+            ],
         )
         .await
         .map(|_| ())
     }
+}
+
+/// A new name for a node's log (see [`lua`]).
+fn generation() -> String {
+    Epoch::random().to_string()
+}
+
+fn flag(on: bool) -> &'static [u8] {
+    if on { b"1" } else { b"0" }
+}
+
+/// The scripts' answer when a node's item index needs another call to catch up.
+fn is_behind(v: &Value) -> bool {
+    bytes_of(v) == Some(b"behind")
 }
 
 fn corrupt(what: impl std::fmt::Display) -> Error {
@@ -581,6 +630,7 @@ impl RedisStore {
             metrics,
             conn: RwLock::new(None),
             scripts: Scripts::new(),
+            known: parking_lot::Mutex::default(),
         });
         let (engine, engine_task) = Engine::start(shared.clone(), addrs, auth, engine_metrics);
         let (writer, rx) = mpsc::channel(4096);
@@ -659,7 +709,21 @@ async fn append_node(shared: &Arc<Shared>, engine: &Arc<Engine>, node: NodeName,
     inv.arg(now)
         .arg(&ttl)
         .arg(jobs.len())
-        .arg(if replicated { "0" } else { "1" });
+        .arg(flag(!replicated));
+    let known = shared.known.lock().get(&node).cloned();
+    match &known {
+        Some(k) => inv
+            .arg(&k.generation)
+            .arg(&k.epoch)
+            .arg(flag(k.persist))
+            .arg(k.max_items),
+        None => inv.arg("").arg("").arg("").arg(""),
+    };
+    // Retracts and purges need the item index; publishes alone leave it to readers.
+    let indexed = jobs
+        .iter()
+        .any(|j| !matches!(j.append.op, Op::Publish { .. }));
+    inv.arg(flag(indexed));
     let mut idem_keys = 0usize;
     for j in &jobs {
         let a = &j.append;
@@ -702,9 +766,23 @@ async fn append_node(shared: &Arc<Shared>, engine: &Arc<Engine>, node: NodeName,
         changes.push((change, id));
     }
     let mut conn = shared.conn();
-    let result: Result<Value, Error> = match &mut conn {
-        Ok(c) => inv.invoke_async(c).await.map_err(|e| engine_error(&e)),
-        Err(e) => Err(clone_error(e)),
+    let mut rounds = 0;
+    let result = loop {
+        let result: Result<Value, Error> = match &mut conn {
+            Ok(c) => inv.invoke_async(c).await.map_err(|e| engine_error(&e)),
+            Err(e) => Err(clone_error(e)),
+        };
+        match &result {
+            // The index is far behind (a retract after many publishes nobody read): bring it
+            // up to date, then try again.
+            Ok(v) if is_behind(v) && rounds < 100 => {
+                rounds += 1;
+                if let Err(e) = shared.state(&node, true).await {
+                    break Err(e);
+                }
+            }
+            _ => break result,
+        }
     };
     let fail = |jobs: Vec<Job>, e: Error| {
         if !matches!(e, Error::NodeNotFound(_)) {
@@ -715,14 +793,26 @@ async fn append_node(shared: &Arc<Shared>, engine: &Arc<Engine>, node: NodeName,
         }
     };
     let parts = match result {
-        Ok(Value::Nil) => return fail(jobs, Error::NodeNotFound(node.to_string())),
-        Ok(Value::Array(p)) if p.len() == 2 || p.len() == 3 => p,
+        Ok(Value::Nil) => {
+            shared.known.lock().remove(&node);
+            return fail(jobs, Error::NodeNotFound(node.to_string()));
+        }
+        Ok(Value::Array(p)) if p.len() == 6 => p,
         Ok(other) => return fail(jobs, corrupt(format!("append {other:?}"))),
         Err(e) => return fail(jobs, e),
     };
     let Some(epoch) = str_of(&parts[0]).and_then(|s| s.parse::<Epoch>().ok()) else {
         return fail(jobs, corrupt("append epoch"));
     };
+    if let (Some(generation), Some(max_items)) = (str_of(&parts[2]), int_of(&parts[4])) {
+        let found = Known {
+            generation: generation.to_owned(),
+            epoch: epoch.to_string(),
+            persist: bytes_of(&parts[3]) == Some(b"1"),
+            max_items,
+        };
+        shared.known.lock().insert(node.clone(), found);
+    }
     let Value::Array(results) = &parts[1] else {
         return fail(jobs, corrupt("append results"));
     };
@@ -779,7 +869,7 @@ async fn append_node(shared: &Arc<Shared>, engine: &Arc<Engine>, node: NodeName,
         let Ok(c) = &mut conn else {
             return fail_replies(replies, Error::EngineUnavailable("no connection".into()));
         };
-        let msg = parts.get(2).and_then(bytes_of).map(<[u8]>::to_vec);
+        let msg = parts.get(5).and_then(bytes_of).map(<[u8]>::to_vec);
         if let Err(e) = wait_replicas(shared, c, &k.chan).await {
             // Stored on the primary, not known to be on replicas: the outcome is unknown (a
             // retry with the same Idempotency-Key does not store it twice). It is fanned out
@@ -975,6 +1065,7 @@ impl Store for RedisStore {
             .map_err(|e| engine_error(&e))?;
         let epoch = Epoch::random().to_string();
         let now = time::now_ms().to_string();
+        self.shared.known.lock().remove(&name);
         let v = self
             .shared
             .node_script(
@@ -982,10 +1073,11 @@ impl Store for RedisStore {
                 name.as_str(),
                 &[
                     &json,
-                    if config.persist { b"1" } else { b"0" },
+                    flag(config.persist),
                     config.max_items.to_string().as_bytes(),
                     epoch.as_bytes(),
                     now.as_bytes(),
+                    generation().as_bytes(),
                 ],
             )
             .await?;
@@ -999,17 +1091,22 @@ impl Store for RedisStore {
             .transpose()?
             .flatten()
             .ok_or_else(|| corrupt("put_node state"))?;
-        Ok((state.meta, created))
+        // With its item count (the script left the index as it was).
+        let meta = match self.shared.state(&name, true).await? {
+            Some(s) if s.meta.epoch == state.meta.epoch => s.meta,
+            _ => state.meta,
+        };
+        Ok((meta, created))
     }
 
     async fn node(&self, name: &NodeName) -> Result<Option<NodeMeta>, Error> {
-        Ok(self.shared.state(name).await?.map(|s| s.meta))
+        Ok(self.shared.state(name, true).await?.map(|s| s.meta))
     }
 
     async fn nodes(&self) -> Result<Vec<NodeMeta>, Error> {
         let names = self.node_names().await?;
         let states =
-            futures_util::future::join_all(names.iter().map(|n| self.shared.state(n))).await;
+            futures_util::future::join_all(names.iter().map(|n| self.shared.state(n, true))).await;
         let mut out = Vec::with_capacity(names.len());
         for s in states {
             if let Some(s) = s? {
@@ -1101,6 +1198,7 @@ impl Store for RedisStore {
     async fn delete_node(&self, name: &NodeName, origin: Origin) -> Result<(), Error> {
         let k = self.shared.keys(name.as_str());
         let mut c = self.shared.conn()?;
+        self.shared.known.lock().remove(name);
         let v: Value = self
             .shared
             .scripts
@@ -1162,7 +1260,7 @@ impl Store for RedisStore {
     async fn read(&self, node: &NodeName, after: Offset, limit: usize) -> Result<Page, Error> {
         let (state, records) = self
             .shared
-            .read_records(node, after, limit)
+            .read_records(node, after, limit, true)
             .await?
             .ok_or_else(|| Error::NodeNotFound(node.to_string()))?;
         Ok(Page {

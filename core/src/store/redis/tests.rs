@@ -251,3 +251,251 @@ async fn a_restarted_redis_is_caught_up_from_the_stream_and_writes_wait_for_it()
         assert_eq!(next_offset(&mut again).await, want);
     }
 }
+
+fn settings(max_items: u64) -> NodeConfig {
+    NodeConfig {
+        max_items,
+        ..NodeConfig::default()
+    }
+}
+
+/// Calls per command since the last `CONFIG RESETSTAT`, from `INFO commandstats`.
+async fn command_calls(c: &mut redis::aio::MultiplexedConnection) -> HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .expect("info");
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "config|resetstat"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_publish_is_three_commands_and_the_item_index_catches_up_when_read() {
+    let Some(server) = Server::start().await else {
+        return;
+    };
+    let s = store(&server.url(), conformance::Collect::new()).await;
+    let n = NodeName::new("lazy").expect("name");
+    s.put_node(n.clone(), settings(5000)).await.expect("create");
+    s.append(vec![conformance::publish(&n, "first", "0")])
+        .await
+        .remove(0)
+        .expect("first publish");
+
+    // A lone publish once the writer knows the node: the script call, XADD and SPUBLISH.
+    let mut c = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut c)
+        .await
+        .expect("resetstat");
+    let r = s
+        .append(vec![conformance::publish(&n, "second", "1")])
+        .await
+        .remove(0)
+        .expect("publish");
+    assert_eq!(r.offset, 2);
+    let calls = command_calls(&mut c).await;
+    let want: HashMap<String, u64> = [("evalsha", 1), ("xadd", 1), ("spublish", 1)]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    assert_eq!(calls, want, "commands of one publish");
+
+    // Far more publishes than one call indexes, then reads and a retract that need the index.
+    for batch in 0..6 {
+        let appends = (0..250)
+            .map(|i| conformance::publish(&n, &format!("i{}", batch * 250 + i), "x"))
+            .collect();
+        for r in s.append(appends).await {
+            r.expect("publish");
+        }
+    }
+    // The retract of an early item waits for the index (several calls), then finds it.
+    let mut retract = conformance::publish(&n, "i3", "");
+    retract.op = Op::Retract(ItemId::new("i3").expect("id"));
+    let r = s
+        .append(vec![retract.clone()])
+        .await
+        .remove(0)
+        .expect("retract");
+    assert_eq!(r.offset, 1503);
+    assert!(matches!(
+        s.append(vec![retract]).await.remove(0),
+        Err(Error::ItemNotFound(_))
+    ));
+    let meta = s.node(&n).await.expect("read").expect("exists");
+    assert_eq!((meta.last_offset, meta.item_count), (1503, 1501));
+    // Overwrites and retracts made after the index caught up are followed on read too.
+    s.append(vec![
+        conformance::publish(&n, "i10", "again"),
+        conformance::publish(&n, "new", "y"),
+    ])
+    .await
+    .into_iter()
+    .for_each(|r| {
+        r.expect("publish");
+    });
+    let (o, item) = s
+        .item(&n, &ItemId::new("i10").expect("id"))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!((o, &item.payload.bytes[..]), (1504, &b"\"again\""[..]));
+    assert!(
+        s.item(&n, &ItemId::new("i3").expect("id"))
+            .await
+            .expect("read")
+            .is_none()
+    );
+    let page = s.items(&n, 1500, 10).await.expect("items");
+    let ids: Vec<(u64, &str)> = page
+        .items
+        .iter()
+        .map(|(o, i)| (*o, i.id.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            (1501, "i1498"),
+            (1502, "i1499"),
+            (1504, "i10"),
+            (1505, "new")
+        ]
+    );
+    assert_eq!(page.meta.item_count, 1502);
+}
+
+#[tokio::test]
+async fn a_writer_that_knew_older_settings_writes_as_the_node_is_now() {
+    let Some(server) = Server::start().await else {
+        return;
+    };
+    let a = store(&server.url(), conformance::Collect::new()).await;
+    let b = store(&server.url(), conformance::Collect::new()).await;
+    let n = NodeName::new("moving").expect("name");
+    let publish = |s: &Arc<RedisStore>, id: &str| {
+        let (s, n, id) = (s.clone(), n.clone(), id.to_owned());
+        async move {
+            s.append(vec![conformance::publish(&n, &id, "v")])
+                .await
+                .remove(0)
+        }
+    };
+    a.put_node(n.clone(), settings(10)).await.expect("create");
+    for i in 0..3 {
+        publish(&a, &format!("a{i}")).await.expect("publish");
+    }
+    // b shortens the history: a's next publish is trimmed to the new length.
+    b.put_node(n.clone(), settings(2))
+        .await
+        .expect("reconfigure");
+    assert_eq!(publish(&a, "a3").await.expect("publish").offset, 4);
+    let page = a.read(&n, 0, 100).await.expect("read");
+    let offsets: Vec<u64> = page.records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, vec![3, 4]);
+    // b deletes the node: a's publish finds no node and changes nothing.
+    b.delete_node(&n, Origin::Http).await.expect("delete");
+    assert!(matches!(
+        publish(&a, "gone").await,
+        Err(Error::NodeNotFound(_))
+    ));
+    // b creates it again: a's publish starts the new history, in the new epoch.
+    let (meta, created) = b.put_node(n.clone(), settings(10)).await.expect("create");
+    assert!(created);
+    publish(&a, "warm").await.expect("publish");
+    b.delete_node(&n, Origin::Http).await.expect("delete");
+    let (meta2, _) = b.put_node(n.clone(), settings(10)).await.expect("create");
+    assert_ne!(meta.epoch, meta2.epoch);
+    let r = publish(&a, "fresh").await.expect("publish");
+    assert_eq!((r.offset, r.epoch), (1, meta2.epoch));
+    let page = b.read(&n, 0, 100).await.expect("read");
+    assert_eq!(page.records.len(), 1);
+    assert_eq!(page.meta.item_count, 1);
+}
+
+#[tokio::test]
+async fn a_node_stored_in_the_earlier_layout_is_read_and_written() {
+    let Some(server) = Server::start().await else {
+        return;
+    };
+    let s = store(&server.url(), conformance::Collect::new()).await;
+    let mut c = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    // As builds before the log generations wrote it: the log under the bare name, every
+    // item in the index, no generation and no index position in meta.
+    let k = Keys::of(&RedisConfig::new(server.url()).prefix, "old");
+    let rec = encode_record(&Record {
+        offset: 0,
+        change: Change::Published(Item {
+            id: ItemId::new("before").expect("id"),
+            payload: Payload::json("1").expect("json"),
+            publisher: "t".into(),
+            published_at: 1,
+        }),
+        at: 1,
+    });
+    redis::pipe()
+        .cmd("HSET")
+        .arg(&k.meta)
+        .arg("config")
+        .arg(serde_json::to_vec(&settings(10)).expect("json"))
+        .arg("epoch")
+        .arg(Epoch::random().to_string())
+        .arg("created")
+        .arg(1)
+        .arg("persist")
+        .arg(1)
+        .arg("max_items")
+        .arg(10)
+        .arg("last")
+        .arg(0)
+        .cmd("XADD")
+        .arg(&k.log)
+        .arg("0-1")
+        .arg("r")
+        .arg(rec)
+        .cmd("ZADD")
+        .arg(&k.items)
+        .arg(1)
+        .arg("before")
+        .exec_async(&mut c)
+        .await
+        .expect("old layout");
+    let n = NodeName::new("old").expect("name");
+    for (id, want) in [("after", 2), ("later", 3)] {
+        let r = s
+            .append(vec![conformance::publish(&n, id, "2")])
+            .await
+            .remove(0)
+            .expect("publish");
+        assert_eq!(r.offset, want);
+    }
+    let page = s.items(&n, 0, 10).await.expect("items");
+    let ids: Vec<(u64, &str)> = page
+        .items
+        .iter()
+        .map(|(o, i)| (*o, i.id.as_str()))
+        .collect();
+    assert_eq!(ids, vec![(1, "before"), (2, "after"), (3, "later")]);
+    assert_eq!(page.meta.item_count, 3);
+}
