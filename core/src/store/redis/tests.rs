@@ -71,6 +71,15 @@ impl Server {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// A plain connection, for looking at what the store did.
+    async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect")
+    }
 }
 
 async fn store(url: &str, sink: Arc<dyn CommitSink>) -> Arc<RedisStore> {
@@ -295,11 +304,7 @@ async fn a_publish_is_three_commands_and_the_item_index_catches_up_when_read() {
         .expect("first publish");
 
     // A lone publish once the writer knows the node: the script call, XADD and SPUBLISH.
-    let mut c = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut c = server.client().await;
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(&mut c)
@@ -436,11 +441,7 @@ async fn a_node_stored_in_the_earlier_layout_is_read_and_written() {
         return;
     };
     let s = store(&server.url(), conformance::Collect::new()).await;
-    let mut c = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut c = server.client().await;
     // As builds before the log generations wrote it: the log under the bare name, every
     // item in the index, no generation and no index position in meta.
     let k = Keys::of(&RedisConfig::new(server.url()).prefix, "old");
