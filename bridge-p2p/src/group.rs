@@ -26,7 +26,7 @@ use crate::identity::{create_private_dir, read_secret_file, write_new_secret_fil
 pub const PUBLIC_GROUP: &str = "public";
 
 /// Longest group name, in bytes.
-const MAX_GROUP_NAME_BYTES: usize = 64;
+pub(crate) const MAX_GROUP_NAME_BYTES: usize = 64;
 
 /// Directory of group keys inside the data dir.
 const GROUPS_DIR: &str = "groups";

@@ -50,6 +50,14 @@ pub const TOPIC_PREFIX: &str = "juxta/";
 pub const DEFAULT_IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default gossipsub heartbeat.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(700);
+/// Most message ids one IHAVE or IWANT carries: 400 ids of 32 bytes (each 34 on the wire)
+/// are 13.6 KB, inside the 16 KiB of control data a default gossipsub receiver accepts
+/// per RPC. A longer list is cut to a random 400 (gossipsub's own truncation); what gossip
+/// leaves out, edge peers still get from the gateway's flood publish or from catch-up.
+pub const MAX_GOSSIP_IDS: usize = 400;
+/// Most control bytes (IHAVE, IWANT, GRAFT, PRUNE, subscriptions) accepted in one RPC: room
+/// for the 5000-id lists go-libp2p and js-libp2p send by default, with ids up to ~50 bytes.
+pub const MAX_CONTROL_BYTES: usize = 256 * 1024;
 /// Most pipes (topics) one peer may subscribe to.
 pub const MAX_TOPICS_PER_PEER: usize = 10_000;
 /// Commands queued to the swarm task before callers wait.
@@ -348,6 +356,50 @@ impl std::fmt::Debug for Command {
     }
 }
 
+/// Gossipsub's settings: the same for every pipe; `gateway` picks the mesh of a gateway
+/// (gossipsub's defaults) or of an edge peer (small).
+fn gossip_config(gateway: bool, heartbeat: Duration) -> Result<gossipsub::Config, OverlayError> {
+    let mut gossip_builder = gossipsub::ConfigBuilder::default();
+    if !gateway {
+        // Edge peers get every stored event straight from a gateway (which floods its
+        // publications to every peer in the pipe); their mesh among themselves is a
+        // second path, kept small: each extra mesh peer is one more copy of every item
+        // to receive, check and drop.
+        gossip_builder
+            .mesh_n_low(1)
+            .mesh_n(2)
+            .mesh_n_high(4)
+            .mesh_outbound_min(1)
+            .gossip_lazy(3);
+    }
+    gossip_builder
+        .heartbeat_interval(heartbeat)
+        .heartbeat_initial_delay(Duration::from_millis(100))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(crate::envelope::MAX_ENVELOPE_BYTES + 4096)
+        // gossipsub 0.50 gossips up to 5000 message ids per IHAVE (and asks for as many
+        // in an IWANT), ~170 KB, yet by default refuses an RPC whose control part is over
+        // 16 KiB — and drops the connection's whole inbound stream with it, so a busy
+        // pipe cut its own members off. Send lists that fit any receiver's default;
+        // accept the longest lists other implementations send.
+        .max_control_messages_sent(MAX_GOSSIP_IDS)
+        .max_control_message_size(MAX_CONTROL_BYTES)
+        .message_id_fn(|m: &gossipsub::Message| {
+            // The publication's identity (see `Envelope::message_id`); undecodable data
+            // gets a content hash and is rejected in validation anyway.
+            gossipsub::MessageId::new(&match Envelope::decode(&m.data) {
+                Ok(e) => e.message_id(),
+                Err(_) => {
+                    use sha2::Digest as _;
+                    sha2::Sha256::digest(&m.data).to_vec()
+                }
+            })
+        })
+        .build()
+        .map_err(|e| OverlayError::Build(e.to_string()))
+}
+
 impl Overlay {
     /// Builds the node, starts listening and dialing, and runs it on the current tokio
     /// runtime. Events go to the returned receiver (keep reading it: the node waits when it
@@ -367,38 +419,7 @@ impl Overlay {
         let advert_ttl = config.advert_ttl;
         let gossip_metrics = config.gossip_metrics.clone();
         let alone = config.bootstrap.is_empty();
-        let mut gossip_builder = gossipsub::ConfigBuilder::default();
-        if !gateway {
-            // Edge peers get every stored event straight from a gateway (which floods its
-            // publications to every peer in the pipe); their mesh among themselves is a
-            // second path, kept small: each extra mesh peer is one more copy of every item
-            // to receive, check and drop.
-            gossip_builder
-                .mesh_n_low(1)
-                .mesh_n(2)
-                .mesh_n_high(4)
-                .mesh_outbound_min(1)
-                .gossip_lazy(3);
-        }
-        let gossip_config = gossip_builder
-            .heartbeat_interval(config.heartbeat)
-            .heartbeat_initial_delay(Duration::from_millis(100))
-            .validation_mode(gossipsub::ValidationMode::Strict)
-            .validate_messages()
-            .max_transmit_size(crate::envelope::MAX_ENVELOPE_BYTES + 4096)
-            .message_id_fn(|m: &gossipsub::Message| {
-                // The publication's identity (see `Envelope::message_id`); undecodable data
-                // gets a content hash and is rejected in validation anyway.
-                gossipsub::MessageId::new(&match Envelope::decode(&m.data) {
-                    Ok(e) => e.message_id(),
-                    Err(_) => {
-                        use sha2::Digest as _;
-                        sha2::Sha256::digest(&m.data).to_vec()
-                    }
-                })
-            })
-            .build()
-            .map_err(|e| OverlayError::Build(e.to_string()))?;
+        let gossip_config = gossip_config(gateway, config.heartbeat)?;
         let mut metrics = metrics;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
@@ -1534,5 +1555,55 @@ impl Task {
 
     async fn emit(&mut self, event: OverlayEvent) -> Result<(), ()> {
         self.events.send(event).await.map_err(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes of an IHAVE (or IWANT) RPC naming `ids` message ids of `id_len` bytes in the
+    /// longest topic a pipe can have: each id is a length-delimited protobuf field (tag,
+    /// length, bytes); the topic, the IHAVE and the control message add a tag and a length
+    /// each (at most 3 bytes for these sizes).
+    fn control_bytes(ids: usize, id_len: usize) -> usize {
+        let topic = topic(
+            &"g".repeat(crate::group::MAX_GROUP_NAME_BYTES),
+            &"n".repeat(juxta_core::model::MAX_NAME_BYTES),
+        );
+        let topic_len = topic.hash().as_str().len();
+        ids * (2 + id_len) + (1 + 2 + topic_len) + 2 * (1 + 3)
+    }
+
+    #[test]
+    fn the_longest_gossip_we_send_fits_what_a_default_receiver_accepts_and_we_accept_theirs() {
+        let stored = Envelope {
+            node: juxta_core::NodeName::new("n").expect("node"),
+            kind: crate::envelope::Kind::Purged,
+            item_id: None,
+            offset: Some(1),
+            epoch: Some(juxta_core::Epoch(1)),
+            payload: None,
+            publisher: String::new(),
+            time: 0,
+            seq: None,
+        };
+        let id_len = stored.message_id().len();
+        assert_eq!(id_len, 32, "message ids are SHA-256 digests");
+        let default_limit = gossipsub::Config::default().max_control_message_size();
+        for gateway in [true, false] {
+            let config = gossip_config(gateway, DEFAULT_HEARTBEAT).expect("config");
+            // What we send: a longer list than a default receiver accepts makes it drop
+            // the connection's inbound stream (and, after five, stop reading us at all).
+            assert!(
+                control_bytes(config.max_control_messages_sent(), id_len) <= default_limit,
+                "an IHAVE of {} ids is {} bytes, over {default_limit}",
+                config.max_control_messages_sent(),
+                control_bytes(config.max_control_messages_sent(), id_len)
+            );
+            // What we accept: the lists other peers send by default (5000 ids; ours are
+            // 32 bytes, others' up to ~50).
+            assert!(control_bytes(5000, 50) <= config.max_control_message_size());
+        }
     }
 }

@@ -234,10 +234,12 @@ async fn main() -> Result<()> {
         kept.push(peer);
     }
     let (mut unfiltered, mut filtered) = (0.0, 0.0);
+    let mut per_peer = Vec::new();
     for r in &registries {
         let (u, f) = gossip_counts(&r.lock());
         unfiltered += u;
         filtered += f;
+        per_peer.push(f);
     }
     let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
     let report = json!({
@@ -254,6 +256,7 @@ async fn main() -> Result<()> {
         "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": all.max() as f64 / 1000.0},
         "gossip_copies_received": unfiltered,
         "gossip_messages_delivered": filtered,
+        "gossip_messages_delivered_per_peer": per_peer,
         "duplicates_per_delivery": if filtered > 0.0 { ((unfiltered - filtered) / filtered * 100.0).round() / 100.0 } else { 0.0 },
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
