@@ -64,7 +64,9 @@ print(f"{name}: {r['deliveries_per_second']:.0f} deliveries/s, "
       f"latency p50 {lat['p50']} / p99 {lat['p99']} / max {lat['max']} ms, "
       f"lost {r['lost']}, duplicates {r['duplicates']}, "
       f"publish rate {r['publish_rate']:.0f}/s (p99 {r['publish_latency_ms']['p99']} ms), "
-      f"publish errors {r['publish_errors']}")
+      f"publish errors {r['publish_errors']}, "
+      f"subscriber errors {r['subscriber_errors']}, "
+      f"events_lost notices {r['events_lost_notices']}")
 if cmds != "-":
     rows = [l.split() for l in open(cmds) if l.strip()]
     calls = {n: int(c) for c, n in rows}

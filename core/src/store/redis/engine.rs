@@ -47,6 +47,9 @@ const CONTROL_QUEUE: usize = 1024;
 const EVENT_QUEUE: usize = 8192;
 /// Records read per gap-fill page.
 const FILL_PAGE: usize = 512;
+/// Reads a fill repeats when the node changed history while one was on its way; after that it
+/// follows what Redis says.
+const MAX_STALE_READS: u32 = 3;
 
 /// Sequencer state of one watched node.
 #[derive(Debug, Default)]
@@ -284,9 +287,10 @@ impl Engine {
                 return;
             }
         }
+        let mut stale_reads = 0;
         'read: loop {
-            let after = match self.seqs.lock().get(&node) {
-                Some(s) => s.last,
+            let (after, read_epoch) = match self.seqs.lock().get(&node) {
+                Some(s) => (s.last, s.epoch),
                 None => return,
             };
             let page = self
@@ -321,6 +325,15 @@ impl Engine {
                     }
                     Ok(Some((state, records))) => {
                         let epoch = state.meta.epoch;
+                        if (seq.epoch != read_epoch || seq.retired == Some(epoch))
+                            && stale_reads < MAX_STALE_READS
+                        {
+                            // This instance followed the node into a new history while the
+                            // read was on its way (the new history's events arrived
+                            // meanwhile): the page and `after` belong to the old one.
+                            stale_reads += 1;
+                            continue 'read;
+                        }
                         if seq.epoch != Some(epoch) {
                             // A new history: follow it from its start (see `deliver`).
                             seq.retired = seq.epoch;
@@ -329,12 +342,15 @@ impl Engine {
                             seq.pending.retain(|_, e| e.epoch == epoch);
                             continue 'read;
                         }
-                        if state.meta.last_offset < seq.last {
-                            // Redis has less than this instance delivered: it lost acknowledged
-                            // events (a failover to a replica that lagged, a restart from an older
-                            // snapshot), and would give their offsets to new items. A new epoch
-                            // tells every subscriber instead of letting them skip those.
-                            rebase = Some((epoch, seq.last, state.meta.last_offset));
+                        if Some(epoch) == read_epoch && state.meta.last_offset < after {
+                            // Redis has less than this instance had delivered when it sent the
+                            // read: it lost acknowledged events (a failover to a replica that
+                            // lagged, a restart from an older snapshot), and would give their
+                            // offsets to new items. A new epoch tells every subscriber instead
+                            // of letting them skip those. (Not `seq.last`: events committed
+                            // after the read ran may have been delivered while it was on its
+                            // way back; they are no sign of loss.)
+                            rebase = Some((epoch, after, state.meta.last_offset));
                             break 'locked;
                         }
                         let n = records.len();

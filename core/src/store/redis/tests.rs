@@ -171,6 +171,74 @@ async fn instances_on_one_redis_see_each_others_events_in_order_once() {
     }
 }
 
+/// A gap makes the engine read the node's Stream; events committed after that read ran can
+/// reach the instance (and be delivered) before the read's answer does. The answer then shows
+/// less than the instance has delivered, which is no sign that Redis lost anything: the node
+/// keeps its epoch. (Seen under load with three instances: a false "Redis lost acknowledged
+/// events" gave the node a new epoch and ended every subscription with `epoch_changed`.)
+#[tokio::test]
+async fn events_delivered_while_a_gap_read_is_on_its_way_do_not_change_the_epoch() {
+    let Some(server) = Server::start().await else {
+        return;
+    };
+    let (bus, s) = instance(&server.url()).await;
+    let n = NodeName::new("racing").expect("name");
+    bus.put_node(&Principal::Admin, n.clone(), NodeConfig::default())
+        .await
+        .expect("create");
+    let mut sub = bus
+        .subscribe(&Principal::Admin, &n, Resume::default())
+        .await
+        .expect("subscribe");
+    for i in 1..=3 {
+        bus.publish(&Principal::Admin, item(&n, i), Origin::Http)
+            .await
+            .expect("publish");
+    }
+    for want in 1..=3 {
+        assert_eq!(next_offset(&mut sub).await, want);
+    }
+    let epoch = s.node(&n).await.expect("read").expect("node").epoch;
+    // Events 4 and 5 as if committed by another instance just after the read below ran.
+    let event = |offset| {
+        let record = Record {
+            offset,
+            change: Change::Retracted(ItemId::new("gone").expect("id")),
+            at: 0,
+        };
+        Arc::new(Event::new(n.clone(), epoch, record, Origin::Http))
+    };
+    // Hold every command in Redis for a while: the engine's read of the gap waits there.
+    let mut c = server.client().await;
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(500)
+        .arg("ALL")
+        .query_async(&mut c)
+        .await
+        .expect("CLIENT PAUSE");
+    s.engine.deliver(&n, epoch, vec![event(5)]);
+    // Past the engine's grace for gaps: its read of offsets after 3 is in Redis now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.engine.deliver(&n, epoch, vec![event(4)]);
+    assert_eq!(next_offset(&mut sub).await, 4);
+    assert_eq!(next_offset(&mut sub).await, 5);
+    // The read is answered (the Stream ends at 3) once the pause is over.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after = s.node(&n).await.expect("read").expect("node").epoch;
+    assert_eq!(after, epoch, "the node keeps its epoch");
+    // The commits behind events 4 and 5, then one more: the subscription goes on.
+    for i in 4..=6 {
+        bus.publish(&Principal::Admin, item(&n, i), Origin::Http)
+            .await
+            .expect("publish after the race");
+    }
+    match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+        Ok(Some(Ok(Delivery::Event(e)))) => assert_eq!((e.epoch, e.offset), (epoch, 6)),
+        other => panic!("the subscription goes on in its epoch, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_restarted_redis_is_caught_up_from_the_stream_and_writes_wait_for_it() {
     let Some(mut server) = Server::start().await else {
