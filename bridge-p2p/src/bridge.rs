@@ -20,19 +20,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use juxta_core::{
-    Affiliation, Bus, Delivery, Error, Event, Grants, NodeName, Origin, Pattern, Principal,
-    Publish, PublishModel, Resume,
+    Affiliation, Bus, Change, Delivery, Error, Event, Grants, NodeName, Origin, Pattern, Principal,
+    Publish, PublishModel, Resume, Subscription,
 };
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::catchup::{self, CatchUpRequest, CatchUpResponse, Page};
-use crate::envelope::{Envelope, Kind};
+use crate::envelope::{BATCH_OVERHEAD, Envelope, MAX_BATCH, MAX_ENVELOPE_BYTES, encode_message};
 use crate::node::{CatchUpSource, Overlay, OverlayEvent};
 
 /// How often the gateway looks for nodes created (or deleted) since.
 pub const NODE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A busy pipe sends at most one message per this period: the events its node stored
+/// meanwhile go out together as one batch (see [`crate::envelope`]), so that each member checks
+/// one signature for them instead of one per event. A pipe that was quiet for this long sends
+/// its next event at once.
+pub const PIPE_COALESCE: Duration = Duration::from_millis(4);
 
 /// How long the bridge trusts that a node of a group it does not carry stays out of it.
 const SKIPPED_RECHECK: Duration = Duration::from_secs(30);
@@ -297,7 +303,9 @@ async fn scan_nodes(
 }
 
 /// Publishes `node`'s events into its pipe until the node is deleted or `token` cancelled
-/// (then the token is cancelled, so the next scan may start a new feeder).
+/// (then the token is cancelled, so the next scan may start a new feeder). Events that are
+/// ready together — or stored within [`PIPE_COALESCE`] of the previous message — go out as one
+/// batch.
 async fn feed(
     bus: Bus,
     overlay: Overlay,
@@ -317,33 +325,86 @@ async fn feed(
             return;
         }
     };
+    let mut last_sent: Option<tokio::time::Instant> = None;
+    // An event that did not fit into the previous message.
+    let mut carried: Option<Arc<Event>> = None;
     loop {
-        let delivery = tokio::select! {
-            () = token.cancelled() => return,
-            d = sub.next() => d,
+        let first = match carried.take() {
+            Some(event) => event,
+            None => {
+                let delivery = tokio::select! {
+                    () = token.cancelled() => return,
+                    d = sub.next() => d,
+                };
+                match delivery {
+                    Some(Ok(Delivery::Event(event))) => event,
+                    // Missed events are in history: peers catch up by offset.
+                    Some(Ok(Delivery::Lost { .. })) => continue,
+                    Some(Err(e)) => {
+                        tracing::debug!(%node, error = %e, "overlay: feeder ended");
+                        break;
+                    }
+                    None => break,
+                }
+            }
         };
-        match delivery {
-            Some(Ok(Delivery::Event(event))) => {
-                let envelope = Envelope::from_event(&event);
-                // No peer in the pipe yet is normal: peers catch up by offset when they join.
-                match overlay.publish(&group, &envelope).await {
-                    Ok(()) => observer.egressed(),
-                    Err(e) => tracing::trace!(%node, error = %e, "overlay: pipe publish"),
-                }
-                if envelope.kind == Kind::Deleted {
-                    break;
-                }
+        if let Some(due) = last_sent.map(|at| at + PIPE_COALESCE)
+            && due > tokio::time::Instant::now()
+        {
+            tokio::select! {
+                () = token.cancelled() => return,
+                () = tokio::time::sleep_until(due) => {}
             }
-            // Missed events are in history: peers catch up by offset.
-            Some(Ok(Delivery::Lost { .. })) => {}
-            Some(Err(e)) => {
-                tracing::debug!(%node, error = %e, "overlay: feeder ended");
-                break;
-            }
-            None => break,
+        }
+        let (message, events, deleted) = batch(&mut sub, &first, &mut carried);
+        // No peer in the pipe yet is normal: peers catch up by offset when they join.
+        match overlay.publish_encoded(&group, &node, message).await {
+            Ok(()) => (0..events).for_each(|_| observer.egressed()),
+            Err(e) => tracing::trace!(%node, error = %e, "overlay: pipe publish"),
+        }
+        last_sent = Some(tokio::time::Instant::now());
+        if deleted {
+            break;
         }
     }
     token.cancel();
+}
+
+/// One pipe message: `first` and whatever `sub` has ready after it, up to [`MAX_BATCH`]
+/// events and [`MAX_ENVELOPE_BYTES`]; an event that does not fit is left in `carried`.
+/// Returns the message, its number of events and whether the last is the node's deletion.
+fn batch(
+    sub: &mut Subscription,
+    first: &Event,
+    carried: &mut Option<Arc<Event>>,
+) -> (Vec<u8>, usize, bool) {
+    let one = Envelope::from_event(first).encode();
+    let mut size = one.len() + BATCH_OVERHEAD;
+    let mut encoded = vec![one];
+    let mut deleted = matches!(first.change, Change::Deleted);
+    let mut last = first.offset;
+    while !deleted && encoded.len() < MAX_BATCH {
+        match sub.try_next() {
+            Some(Delivery::Event(event)) => {
+                let e = Envelope::from_event(&event).encode();
+                if size + e.len() > MAX_ENVELOPE_BYTES
+                    || event.epoch != first.epoch
+                    || event.offset <= last
+                {
+                    *carried = Some(event);
+                    break;
+                }
+                size += e.len();
+                last = event.offset;
+                deleted = matches!(event.change, Change::Deleted);
+                encoded.push(e);
+            }
+            Some(Delivery::Lost { .. }) => {}
+            None => break,
+        }
+    }
+    let events = encoded.len();
+    (encode_message(encoded), events, deleted)
 }
 
 /// Stores a member peer's publication; `Err` with a stable reason when it may not be.

@@ -28,6 +28,14 @@
 //! | 10 | seq | uint or null |
 //!
 //! Positions instead of map keys keep the per-message overhead to a few dozen bytes.
+//!
+//! # Batches (version 2)
+//!
+//! A busy pipe carries several stored events of its node in one message: `[2, [envelope,
+//! …]]`, two to [`MAX_BATCH`] version 1 envelopes of one node and epoch, offsets increasing,
+//! [`MAX_ENVELOPE_BYTES`] in all. Each message is signed and checked once, so a batch costs
+//! a receiver one signature check instead of one per event. Member peers' publications are
+//! never batched. [`decode_message`] reads either form.
 
 use bytes::Bytes;
 use juxta_core::{Change, ContentType, Epoch, Event, EventKind, ItemId, NodeName, Payload};
@@ -48,6 +56,12 @@ pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024 + 4096;
 
 /// Number of fields in a version 1 envelope.
 const FIELDS_V1: u64 = 11;
+
+/// The version of a batch of envelopes (see the module docs).
+pub const BATCH_VERSION: u8 = 2;
+
+/// Most envelopes in one batch.
+pub const MAX_BATCH: usize = 64;
 
 /// What an envelope reports: the kind of the event (for a publication, always `Published`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +333,104 @@ impl Envelope {
     }
 }
 
+/// What a batch adds to its envelopes' encoded sizes: `[2, [` and the array's head.
+pub const BATCH_OVERHEAD: usize = 4;
+
+/// One pipe message from encoded envelopes ([`Envelope::encode`]) of stored events of one node,
+/// in offset order: the envelope itself when there is one, else a batch. The caller keeps the
+/// total, with [`BATCH_OVERHEAD`], within [`MAX_ENVELOPE_BYTES`] and the count within
+/// [`MAX_BATCH`].
+pub fn encode_message(mut encoded: Vec<Vec<u8>>) -> Vec<u8> {
+    if encoded.len() == 1 {
+        return encoded.pop().unwrap_or_default();
+    }
+    let total: usize = encoded.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(total + BATCH_OVERHEAD);
+    cbor::array(&mut out, 2);
+    cbor::uint(&mut out, u64::from(BATCH_VERSION));
+    cbor::array(&mut out, encoded.len() as u64);
+    for e in &encoded {
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// Decodes a pipe message: one envelope ([`Envelope::decode`]) or a batch of stored events
+/// (see the module docs), checked as a whole: two to [`MAX_BATCH`] valid stored events of one
+/// node and epoch with increasing offsets, nothing after them.
+pub fn decode_message(bytes: &[u8]) -> Result<Vec<Envelope>, EnvelopeError> {
+    if bytes.len() > MAX_ENVELOPE_BYTES {
+        return Err(EnvelopeError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_ENVELOPE_BYTES,
+        });
+    }
+    // `[2, [` in the shortest form: 0x82 0x02, then an array head.
+    let Some(mut rest) = bytes.strip_prefix(&[0x82, BATCH_VERSION]) else {
+        return Envelope::decode(bytes).map(|e| vec![e]);
+    };
+    let invalid = |why: &str| EnvelopeError::Invalid(format!("batch: {why}"));
+    let count = match cbor::read_array_head(&mut rest) {
+        Some(n) if (2..=MAX_BATCH as u64).contains(&n) => n as usize,
+        Some(n) => return Err(invalid(&format!("{n} envelopes (2 to {MAX_BATCH})"))),
+        None => {
+            return Err(EnvelopeError::Undecodable(
+                "batch: no array of envelopes".into(),
+            ));
+        }
+    };
+    let mut envelopes: Vec<Envelope> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let decoded: Decoded = ciborium::de::from_reader(&mut rest)
+            .map_err(|e| EnvelopeError::Undecodable(format!("batch: {e}")))?;
+        let envelope = match decoded {
+            Decoded::V1(raw) => raw.validate()?,
+            Decoded::Unknown(v) => {
+                return Err(EnvelopeError::UnknownVersion(
+                    u8::try_from(v).unwrap_or(u8::MAX),
+                ));
+            }
+        };
+        if !envelope.is_stored() {
+            return Err(invalid("only stored events travel in batches"));
+        }
+        if let Some(prev) = envelopes.last()
+            && (prev.node != envelope.node
+                || prev.epoch != envelope.epoch
+                || prev.offset >= envelope.offset)
+        {
+            return Err(invalid("one node and epoch, offsets increasing"));
+        }
+        envelopes.push(envelope);
+    }
+    if !rest.is_empty() {
+        return Err(EnvelopeError::Undecodable(format!(
+            "{} bytes after the batch",
+            rest.len()
+        )));
+    }
+    Ok(envelopes)
+}
+
+/// The gossipsub message id of a pipe message holding `envelopes` ([`decode_message`]): the
+/// envelope's own ([`Envelope::message_id`]) for one; for a batch, sha256 over ("batch", node,
+/// epoch, first offset, last offset).
+pub fn message_id(envelopes: &[Envelope]) -> Vec<u8> {
+    match envelopes {
+        [one] => one.message_id(),
+        [first, .., last] => {
+            let mut h = Sha256::new();
+            id_field(&mut h, b"batch");
+            id_field(&mut h, first.node.as_str().as_bytes());
+            id_field(&mut h, &first.epoch.map_or(0, |e| e.0).to_be_bytes());
+            id_field(&mut h, &first.offset.unwrap_or(0).to_be_bytes());
+            id_field(&mut h, &last.offset.unwrap_or(0).to_be_bytes());
+            h.finalize().to_vec()
+        }
+        [] => Sha256::digest(b"empty").to_vec(),
+    }
+}
+
 /// Hashes one length-prefixed field.
 fn id_field(h: &mut Sha256, bytes: &[u8]) {
     h.update((bytes.len() as u64).to_be_bytes());
@@ -569,6 +681,30 @@ pub(crate) mod cbor {
             Some(n) => uint(out, n),
             None => null(out),
         }
+    }
+
+    /// Reads a definite-length array head off the front of `input`: its length.
+    pub(crate) fn read_array_head(input: &mut &[u8]) -> Option<u64> {
+        let (&first, rest) = input.split_first()?;
+        if first >> 5 != ARRAY {
+            return None;
+        }
+        let (n, used) = match first & 0x1f {
+            n @ 0..24 => (u64::from(n), 0),
+            24 => (u64::from(*rest.first()?), 1),
+            25 => (
+                u64::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)),
+                2,
+            ),
+            26 => (
+                u64::from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)),
+                4,
+            ),
+            27 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?), 8),
+            _ => return None,
+        };
+        *input = &rest[used..];
+        Some(n)
     }
 
     pub(crate) fn opt_text(out: &mut Vec<u8>, s: Option<&str>) {
@@ -1098,6 +1234,102 @@ mod tests {
         }
     }
 
+    fn stored(offset: u64) -> Envelope {
+        Envelope::from_event(&published(offset, &format!("i{offset}")))
+    }
+
+    fn message_of(envelopes: &[Envelope]) -> Vec<u8> {
+        encode_message(envelopes.iter().map(Envelope::encode).collect())
+    }
+
+    #[test]
+    fn a_message_of_one_event_is_that_envelope_and_a_batch_round_trips() {
+        let one = stored(7);
+        assert_eq!(message_of(std::slice::from_ref(&one)), one.encode());
+        assert_eq!(decode_message(&one.encode()), Ok(vec![one.clone()]));
+        let many: Vec<Envelope> = (1..=MAX_BATCH as u64).map(stored).collect();
+        let bytes = message_of(&many);
+        assert_eq!(&bytes[..2], &[0x82, BATCH_VERSION], "[2, [...]]");
+        assert!(
+            bytes.len() <= many.iter().map(|e| e.encode().len()).sum::<usize>() + BATCH_OVERHEAD
+        );
+        assert_eq!(decode_message(&bytes), Ok(many));
+        // A receiver that reads single envelopes only says which version it met.
+        assert_eq!(
+            Envelope::decode(&bytes),
+            Err(EnvelopeError::UnknownVersion(BATCH_VERSION))
+        );
+    }
+
+    #[test]
+    fn batches_that_break_the_rules_are_refused() {
+        let code =
+            |envelopes: &[Envelope]| decode_message(&message_of(envelopes)).map_err(|e| e.code());
+        let mut other_node = stored(2);
+        other_node.node = node("other");
+        let mut other_epoch = stored(2);
+        other_epoch.epoch = Some(Epoch(99));
+        let publication = Envelope::publication(
+            node("sensors/temp-7"),
+            item("p"),
+            Payload::json(&b"{}"[..]).expect("json"),
+            &peer(1),
+            1,
+        );
+        for (what, envelopes) in [
+            ("another node", vec![stored(1), other_node]),
+            ("another epoch", vec![stored(1), other_epoch]),
+            ("offsets going back", vec![stored(2), stored(1)]),
+            ("an offset twice", vec![stored(2), stored(2)]),
+            ("a peer's publication", vec![stored(1), publication]),
+            (
+                "too many",
+                (1..=MAX_BATCH as u64 + 1).map(stored).collect::<Vec<_>>(),
+            ),
+        ] {
+            assert_eq!(code(&envelopes), Err("invalid"), "{what}");
+        }
+        // One envelope in a batch, an empty batch, trailing bytes, a cut.
+        let mut single = vec![0x82, BATCH_VERSION, 0x81];
+        single.extend_from_slice(&stored(1).encode());
+        assert_eq!(
+            decode_message(&single).map_err(|e| e.code()),
+            Err("invalid")
+        );
+        assert_eq!(
+            decode_message(&[0x82, BATCH_VERSION, 0x80]).map_err(|e| e.code()),
+            Err("invalid")
+        );
+        let mut trailing = message_of(&[stored(1), stored(2)]);
+        trailing.push(0);
+        assert_eq!(
+            decode_message(&trailing).map_err(|e| e.code()),
+            Err("undecodable")
+        );
+        let whole = message_of(&[stored(1), stored(2)]);
+        for cut in 2..whole.len() {
+            assert!(decode_message(&whole[..cut]).is_err(), "cut at {cut}");
+        }
+        assert_eq!(
+            decode_message(&[0x82, BATCH_VERSION, 0x01]).map_err(|e| e.code()),
+            Err("undecodable"),
+            "not an array of envelopes"
+        );
+    }
+
+    #[test]
+    fn a_batch_id_names_its_node_epoch_and_offsets() {
+        let batch = [stored(1), stored(2), stored(3)];
+        let id = message_id(&batch);
+        assert_eq!(
+            id,
+            message_id(&decode_message(&message_of(&batch)).expect("decodes"))
+        );
+        assert_ne!(id, message_id(&batch[..2]), "another range");
+        assert_ne!(id, stored(1).message_id(), "not its first event's");
+        assert_eq!(message_id(&batch[..1]), stored(1).message_id());
+    }
+
     fn arb_payload() -> impl Strategy<Value = Payload> {
         (0u64..3, proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(ct, bytes)| Payload {
             content_type: content_type_from_code(ct).unwrap_or(ContentType::Binary),
@@ -1166,6 +1398,10 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic_in_decode(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = Envelope::decode(&bytes);
+            let _ = decode_message(&bytes);
+            let mut batch = vec![0x82, BATCH_VERSION];
+            batch.extend_from_slice(&bytes);
+            let _ = decode_message(&batch);
         }
 
         #[test]

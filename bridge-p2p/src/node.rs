@@ -389,8 +389,8 @@ fn gossip_config(gateway: bool, heartbeat: Duration) -> Result<gossipsub::Config
         .message_id_fn(|m: &gossipsub::Message| {
             // The publication's identity (see `Envelope::message_id`); undecodable data
             // gets a content hash and is rejected in validation anyway.
-            gossipsub::MessageId::new(&match Envelope::decode(&m.data) {
-                Ok(e) => e.message_id(),
+            gossipsub::MessageId::new(&match crate::envelope::decode_message(&m.data) {
+                Ok(e) => crate::envelope::message_id(&e),
                 Err(_) => {
                     use sha2::Digest as _;
                     sha2::Sha256::digest(&m.data).to_vec()
@@ -608,8 +608,19 @@ impl Overlay {
     /// Publishes `envelope` into its pipe in `group`. Fails when no peer has joined the
     /// pipe yet (gossipsub sends nowhere then); catch-up covers peers that join later.
     pub async fn publish(&self, group: &str, envelope: &Envelope) -> Result<(), OverlayError> {
-        let t = topic(group, envelope.node.as_str());
-        let data = envelope.encode();
+        self.publish_encoded(group, &envelope.node, envelope.encode())
+            .await
+    }
+
+    /// Publishes one pipe message of `node`, already encoded: an envelope or a batch
+    /// ([`crate::envelope::encode_message`]).
+    pub async fn publish_encoded(
+        &self,
+        group: &str,
+        node: &juxta_core::NodeName,
+        data: Vec<u8>,
+    ) -> Result<(), OverlayError> {
+        let t = topic(group, node.as_str());
         self.call(|r| Command::Publish(t, data, r)).await
     }
 
@@ -1039,29 +1050,37 @@ impl Task {
     }
 
     /// Checks a pipe message; the group and envelope when it is acceptable.
-    fn validate(&self, message: &gossipsub::Message) -> Result<(String, Envelope), &'static str> {
+    fn validate(
+        &self,
+        message: &gossipsub::Message,
+    ) -> Result<(String, Vec<Envelope>), &'static str> {
         let (group, node) = parse_topic(&message.topic).ok_or("unknown_topic")?;
         let g = self.groups.get(group).ok_or("unknown_group")?;
-        let envelope = Envelope::decode(&message.data).map_err(|e| e.code())?;
-        if envelope.node.as_str() != node {
-            return Err("topic_mismatch");
-        }
-        envelope
-            .check_source(message.source.as_ref())
-            .map_err(|e| e.code())?;
-        let source = message.source.ok_or("unsigned")?;
-        if envelope.offset.is_some() {
-            // A stored event: only gateways store.
-            if !self.trusted.contains(&source) {
-                return Err("untrusted_stored_event");
+        // One envelope, or a batch of stored events of one node.
+        let envelopes = crate::envelope::decode_message(&message.data).map_err(|e| e.code())?;
+        for envelope in &envelopes {
+            if envelope.node.as_str() != node {
+                return Err("topic_mismatch");
             }
-        } else {
-            let credentials = self.credentials.read();
-            let credential = credentials.get(&(source, group.to_owned()));
-            g.admits(&source, credential, now_secs())
+            envelope
+                .check_source(message.source.as_ref())
                 .map_err(|e| e.code())?;
         }
-        Ok((group.to_owned(), envelope))
+        let source = message.source.ok_or("unsigned")?;
+        for envelope in &envelopes {
+            if envelope.offset.is_some() {
+                // A stored event: only gateways store.
+                if !self.trusted.contains(&source) {
+                    return Err("untrusted_stored_event");
+                }
+            } else {
+                let credentials = self.credentials.read();
+                let credential = credentials.get(&(source, group.to_owned()));
+                g.admits(&source, credential, now_secs())
+                    .map_err(|e| e.code())?;
+            }
+        }
+        Ok((group.to_owned(), envelopes))
     }
 
     /// Handles one swarm event; `Err` when the owner stopped listening.
@@ -1274,14 +1293,17 @@ impl Task {
             .gossipsub
             .report_message_validation_result(&id, &from, acceptance);
         match verdict {
-            Ok((group, envelope)) => {
+            Ok((group, envelopes)) => {
                 let source = message.source.unwrap_or(from);
-                self.emit(OverlayEvent::ItemReceived {
-                    group,
-                    envelope,
-                    source,
-                })
-                .await
+                for envelope in envelopes {
+                    self.emit(OverlayEvent::ItemReceived {
+                        group: group.clone(),
+                        envelope,
+                        source,
+                    })
+                    .await?;
+                }
+                Ok(())
             }
             Err(reason) => {
                 tracing::debug!(%from, reason, "overlay: rejected a pipe message");

@@ -61,11 +61,21 @@ function emit(event) {
 const KINDS = ["published", "retracted", "purged", "deleted"];
 const CONTENT_TYPES = ["json", "xml", "binary"];
 
-// The envelope, version 1 (bridge-p2p/src/envelope.rs): one CBOR array of 11 fields —
-// version, node, kind, item id, offset, epoch, content type, payload, publisher, time, seq.
-function decodeEnvelope(bytes) {
+// A pipe message (bridge-p2p/src/envelope.rs): one envelope, or on a busy pipe a batch
+// [2, [envelope, …]] of stored events of the node, in offset order.
+function decodeMessage(bytes) {
   // cborg refuses trailing bytes; integers above 2^53 come back as BigInt.
-  const fields = decode(bytes);
+  const top = decode(bytes);
+  if (Array.isArray(top) && top[0] === 2) {
+    if (top.length !== 2 || !Array.isArray(top[1])) throw new Error("a batch is [2, [envelope, …]]");
+    return top[1].map(decodeEnvelope);
+  }
+  return [decodeEnvelope(top)];
+}
+
+// The envelope, version 1: one CBOR array of 11 fields — version, node, kind, item id,
+// offset, epoch, content type, payload, publisher, time, seq.
+function decodeEnvelope(fields) {
   if (!Array.isArray(fields) || fields[0] !== 1) {
     throw new Error(`not a version 1 envelope: ${JSON.stringify(fields?.[0] ?? null)}`);
   }
@@ -150,7 +160,10 @@ try {
     if (msg.topic !== topic) return;
     const from = msg.type === "signed" ? msg.from.toString() : null;
     try {
-      emit({ event: "item", from, topic: msg.topic, ...decodeEnvelope(msg.data) });
+      const envelopes = decodeMessage(msg.data);
+      for (const envelope of envelopes) {
+        emit({ event: "item", from, topic: msg.topic, in_message_of: envelopes.length, ...envelope });
+      }
     } catch (e) {
       emit({ event: "invalid", from, error: String(e?.message ?? e) });
     }

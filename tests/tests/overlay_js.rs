@@ -23,6 +23,8 @@ const LINE_WAIT: Duration = Duration::from_secs(15);
 const WARM_UP_INTERVAL: Duration = Duration::from_millis(300);
 /// Items published once the pipe carries items.
 const ITEMS: usize = 20;
+/// Items published in one batch publish after those.
+const BATCHED: usize = 10;
 /// Size of the last item's text: a few hundred KiB, well under the gateway's 1 MiB payload
 /// limit.
 const LARGE_PAYLOAD_BYTES: usize = 300 * 1024;
@@ -307,6 +309,30 @@ async fn given_a_js_libp2p_peer_in_a_pipe_when_items_are_published_then_it_recei
     ensure!(
         received == order,
         "items arrived as {received:?}, published as {order:?}"
+    );
+
+    // Items stored together (one batch publish, one commit) leave in one pipe message, a
+    // batch of envelopes, which the js peer decodes too.
+    let batch: Vec<Value> = (0..BATCHED)
+        .map(|i| json!({"node": node, "id": format!("batched-{i}"), "payload": {"b": i}}))
+        .collect();
+    let reply = api.publish_batch(&json!(batch)).await?.expect(200)?;
+    let results = reply["results"].as_array().context("no results")?;
+    let mut largest_message = 0;
+    for (i, result) in results.iter().enumerate() {
+        let want = as_u64(&result["offset"]).with_context(|| format!("{reply}"))?;
+        let event = js.next(LINE_WAIT, "batched item").await?;
+        let offset = check_item(&event, &gateway, &topic, &node)?;
+        ensure!(
+            offset == want && event["id"] == format!("batched-{i}") && event["payload"]["b"] == i,
+            "expected batched-{i} at offset {want}: {}",
+            brief(&event)
+        );
+        largest_message = largest_message.max(event["in_message_of"].as_u64().unwrap_or(0));
+    }
+    ensure!(
+        largest_message > 1,
+        "the batch publish's items came one per message"
     );
 
     // Once each: nothing more arrives.

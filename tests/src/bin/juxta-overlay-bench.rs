@@ -257,7 +257,10 @@ async fn main() -> Result<()> {
         "gossip_copies_received": unfiltered,
         "gossip_messages_delivered": filtered,
         "gossip_messages_delivered_per_peer": per_peer,
+        // Per gossip message (a message may carry a batch of items).
         "duplicates_per_delivery": if filtered > 0.0 { ((unfiltered - filtered) / filtered * 100.0).round() / 100.0 } else { 0.0 },
+        // Per item delivered to a peer: what the peers received beyond what they needed.
+        "duplicate_copies_per_item": if received > 0 { ((unfiltered - filtered) / received as f64 * 1000.0).round() / 1000.0 } else { 0.0 },
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     drop(kept);
