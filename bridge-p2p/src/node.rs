@@ -387,8 +387,9 @@ fn gossip_config(gateway: bool, heartbeat: Duration) -> Result<gossipsub::Config
         .max_control_messages_sent(MAX_GOSSIP_IDS)
         .max_control_message_size(MAX_CONTROL_BYTES)
         .message_id_fn(|m: &gossipsub::Message| {
-            // The publication's identity (see `Envelope::message_id`); undecodable data
-            // gets a content hash and is rejected in validation anyway.
+            // The publication's identity, or a batch's node, epoch and offsets (see
+            // `envelope::message_id`); undecodable data gets a content hash and is rejected
+            // in validation anyway.
             gossipsub::MessageId::new(&match crate::envelope::decode_message(&m.data) {
                 Ok(e) => crate::envelope::message_id(&e),
                 Err(_) => {
